@@ -1,0 +1,24 @@
+# Two entry points (README): `make rollout` runs the main job, `make test` runs the test suite.
+# Both create or reuse .venv and install what is missing first (scripts/setup_env.sh).
+VENV ?= .venv
+STAMP := $(VENV)/.worldserve-installed
+
+.PHONY: setup rollout test lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) scripts/setup_env.sh
+	touch $@
+
+rollout: $(STAMP)
+	$(VENV)/bin/worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check engine server client tests
+	$(VENV)/bin/ruff format --check engine server client tests
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine server client tests
+	$(VENV)/bin/ruff format --check engine server client tests

@@ -1,0 +1,284 @@
+"""Typed configuration of a world model and its runtime, loaded from YAML.
+
+One `WorldConfig` object is passed down; each component reads its own section. Every field has a default and
+a description with its unit; unknown keys and wrong types are rejected with a message naming the key and the file.
+Sizes derived from the config (tokens per frame, cache capacity in slots and bytes) are computed in `sizes()`
+and nowhere else.
+
+The `model` section is the architecture: it is embedded in every checkpoint, and a checkpoint loads only into a
+model whose `model` section is equal to it. `sampler`, `cache` and `runtime` are inference choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_KEYS = (
+    "KeyW",
+    "KeyA",
+    "KeyS",
+    "KeyD",
+    "ArrowLeft",
+    "ArrowRight",
+    "ArrowUp",
+    "ArrowDown",
+    "Space",
+    "ShiftLeft",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class AutoencoderConfig(_Section):
+    channels: tuple[int, ...] = Field(
+        (32, 64, 128), description="conv channels per stage; each stage halves height and width (count)"
+    )
+    latent_channels: int = Field(8, ge=1, description="channels of the latent frame (count)")
+    latent_scale: float = Field(1.0, gt=0, description="latents are multiplied by this before diffusion (unitless)")
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** len(self.channels)
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoencoderConfig:
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError("channels must be a non-empty list of positive integers")
+        return self
+
+
+class PromptConfig(_Section):
+    vocab_size: int = Field(4096, ge=3, description="word-hash buckets of the learned prompt embedding (count)")
+    max_tokens: int = Field(16, ge=1, description="prompt words kept; later words are dropped (tokens)")
+    dim: int = Field(128, ge=1, description="width of a prompt token embedding (features)")
+
+
+class ActionConfig(_Section):
+    keys: tuple[str, ...] = Field(
+        DEFAULT_KEYS, description="held keys the model understands, as W3C KeyboardEvent.code names, in tensor order"
+    )
+    mouse_scale: float = Field(
+        20.0, gt=0, description="mouse motion that maps to 1.0 in the action tensor, clamped to [-1, 1] (CSS px)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ActionConfig:
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("keys must not repeat")
+        return self
+
+
+class ModelConfig(_Section):
+    frame_height: int = Field(64, ge=1, description="height of a generated frame (pixels)")
+    frame_width: int = Field(64, ge=1, description="width of a generated frame (pixels)")
+    chunk_frames: int = Field(1, ge=1, description="frames generated per autoregressive step (frames)")
+    patch_size: int = Field(2, ge=1, description="latent cells per token along each side (cells)")
+    dim: int = Field(192, ge=1, description="transformer width (features)")
+    depth: int = Field(6, ge=1, description="transformer blocks (count)")
+    heads: int = Field(6, ge=1, description="attention heads per block (count)")
+    mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / transformer width (ratio)")
+    rope_theta: float = Field(10000.0, gt=1, description="rotary base period (positions)")
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="frame autoencoder")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="prompt encoder")
+    actions: ActionConfig = Field(default_factory=ActionConfig, description="action space")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        step = self.autoencoder.downsample * self.patch_size
+        for name in ("frame_height", "frame_width"):
+            if getattr(self, name) % step:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be a multiple of autoencoder downsample x patch_size = {step}"
+                )
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
+        if self.head_dim < 6 or self.head_dim % 2:
+            raise ValueError(f"head dim dim/heads={self.head_dim} must be even and >= 6 for 3D rotary position")
+        return self
+
+
+class SamplerConfig(_Section):
+    steps: int = Field(4, ge=1, description="denoising steps per chunk (count)")
+    shift: float = Field(1.0, gt=0, description="timestep shift; >1 spends more steps at high noise (unitless)")
+    context_noise: float = Field(
+        0.0, ge=0, lt=1, description="noise level at which finished frames are written into the cache (0 = clean)"
+    )
+
+
+class CacheConfig(_Section):
+    policy: Literal["dense", "window"] = Field(
+        "window", description="which slots exist: dense keeps every frame, window keeps sinks + recent frames"
+    )
+    sink_frames: int = Field(1, ge=0, description="first frames kept forever by bounded policies (frames)")
+    window_frames: int = Field(32, ge=1, description="most recent frames kept by the window policy (frames)")
+    grow_frames: int = Field(64, ge=1, description="unbounded caches grow their buffers by this much at once (frames)")
+
+
+class RuntimeConfig(_Section):
+    device: str = Field("auto", description="torch device, or auto: cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="compute and cache dtype; auto is float32 on cpu, bfloat16 on cuda"
+    )
+    checkpoint: Path | None = Field(
+        None, description="safetensors weights, relative to the config file; none = seeded random weights"
+    )
+    init_seed: int = Field(0, description="seed of the random weights used when there is no checkpoint")
+
+
+class WorldConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="architecture (embedded in checkpoints)")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="few-step flow sampler")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="KV cache policy")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="device, dtype, weights")
+
+    @model_validator(mode="after")
+    def _check(self) -> WorldConfig:
+        if self.cache.window_frames < self.model.chunk_frames:
+            raise ValueError(
+                f"cache.window_frames={self.cache.window_frames} must hold at least one chunk "
+                f"(model.chunk_frames={self.model.chunk_frames})"
+            )
+        return self
+
+    def sizes(self, dtype_bytes: int = 4) -> Sizes:
+        """Every size derived from the config; `dtype_bytes` is the byte width of cached keys and values."""
+        m = self.model
+        down = m.autoencoder.downsample
+        latent_h, latent_w = m.frame_height // down, m.frame_width // down
+        grid_h, grid_w = latent_h // m.patch_size, latent_w // m.patch_size
+        tokens = grid_h * grid_w
+        # key + value per head, a 3-int32 position, a float32 count and an int64 frame index per slot
+        slot_bytes = 2 * m.heads * m.head_dim * dtype_bytes + 3 * 4 + 4 + 8
+        if self.cache.policy == "window":
+            capacity = (self.cache.sink_frames + self.cache.window_frames) * tokens
+        else:
+            capacity = None
+        return Sizes(
+            latent_shape=(m.autoencoder.latent_channels, latent_h, latent_w),
+            token_grid=(grid_h, grid_w),
+            tokens_per_frame=tokens,
+            tokens_per_chunk=tokens * m.chunk_frames,
+            action_dim=len(m.actions.keys) + 2,
+            slot_bytes=slot_bytes,
+            grow_slots=self.cache.grow_frames * tokens,
+            capacity_slots=capacity,
+            capacity_bytes_per_layer=None if capacity is None else capacity * slot_bytes,
+            capacity_bytes=None if capacity is None else capacity * slot_bytes * m.depth,
+        )
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes derived from a `WorldConfig`; see `WorldConfig.sizes`."""
+
+    latent_shape: tuple[int, int, int]  # (C, h, w) of one latent frame
+    token_grid: tuple[int, int]  # tokens along height and width of one frame
+    tokens_per_frame: int
+    tokens_per_chunk: int
+    action_dim: int  # held keys (multi-hot) + mouse dx, dy
+    slot_bytes: int  # bytes of one cache slot in one layer
+    grow_slots: int  # slots added at once when an unbounded cache is full
+    capacity_slots: int | None  # slots per layer of a bounded policy; None = unbounded
+    capacity_bytes_per_layer: int | None
+    capacity_bytes: int | None  # all layers
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: key '{key}': {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> WorldConfig:
+    """Validate a config mapping; `source` names where it came from in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return WorldConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> WorldConfig:
+    """Load a YAML config; a relative `runtime.checkpoint` is resolved against the file's folder.
+
+    `overrides` maps dotted keys (``cache.policy``) to values and is applied before validation.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value, str(path))
+    config = parse_config(data, str(path))
+    checkpoint = config.runtime.checkpoint
+    if checkpoint is not None and not checkpoint.is_absolute():
+        runtime = config.runtime.model_copy(update={"checkpoint": (path.parent / checkpoint).resolve()})
+        config = config.model_copy(update={"runtime": runtime})
+    return config
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def describe_config() -> str:
+    """Markdown reference of every config key: default and description (docs/config.md is this text)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Every key of a worldserve config file, its default and its meaning with the unit. Generated from",
+        "`engine/config.py` by `worldserve config --describe`; a test keeps this page equal to that output.",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+
+    def walk(section: type[BaseModel], prefix: str) -> None:
+        for name, field in section.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, _Section):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            assert field.description, f"config field {prefix}{name} has no description"
+            default = field.get_default(call_default_factory=True)
+            shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default, default_flow_style=True)
+            shown = shown.strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{name}` | {shown} | {field.description} |")
+
+    walk(WorldConfig, "")
+    return "\n".join(lines) + "\n"
