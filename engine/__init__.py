@@ -3,6 +3,27 @@
 Public API (what `server` and tools may import):
 """
 
+from engine.actions import IDLE, Action, ActionSpace
+from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
 from engine.config import ConfigError, WorldConfig, load_config, parse_config
+from engine.model import WorldModel
+from engine.world import World, WorldStats
+from engine.world_engine import WorldEngine
 
-__all__ = ["ConfigError", "WorldConfig", "load_config", "parse_config"]
+__all__ = [
+    "IDLE",
+    "Action",
+    "ActionSpace",
+    "CheckpointError",
+    "ConfigError",
+    "World",
+    "WorldConfig",
+    "WorldEngine",
+    "WorldModel",
+    "WorldStats",
+    "load_checkpoint",
+    "load_config",
+    "parse_config",
+    "read_model_config",
+    "save_checkpoint",
+]

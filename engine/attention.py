@@ -1,0 +1,116 @@
+"""How attention is computed, behind one signature the model calls: `self_attention` and `cross_attention`.
+
+The DiT hands over pre-rotary queries, keys and values; an attention context decides what they attend to and
+computes it. Two contexts:
+
+- `SequenceAttention`: no cache. Every frame of a whole sequence in one forward, frame-causal by chunk (a token
+  sees its own chunk and every earlier one). For training and as the reference the cached path is tested against.
+- `CachedAttention`: one autoregressive step of a batch of worlds. Each world's queries see the slots its
+  `CachePolicy` exposes plus the current chunk; in a commit pass the policy then stores the chunk's keys/values.
+  Worlds hold different cache lengths, so attention runs **per world over its own slots** (grouped: no padding, no
+  wasted work); projections and feed-forward layers around it stay batched over all worlds.
+
+Both rotate queries and keys (3D RoPE) here, at attention time, so caches hold pre-rotary keys. The softmax itself
+is `torch.nn.functional.scaled_dot_product_attention` with an optional additive per-key bias (log m of merged
+slots, FAST-AR Lemma 5.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import WorldCache
+from engine.policies import CachePolicy
+from engine.rope import Rope3D
+
+
+class AttentionContext(Protocol):
+    """What the DiT calls; q, k, v are pre-rotary (B, N, h, d), prompt k, v (B, L, h, d), mask (B, L) bool."""
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    def cross_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of one world: q (N, h, d), rotated k and v (S, h, d), bias (S,) or None -> (N, h, d)."""
+    mask = None if bias is None else bias.to(q.dtype)  # (S,) broadcasts over (h, N, S)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)  # (N, h, d)
+
+
+def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-attention to prompt tokens: q (B, N, h, d), k and v (B, L, h, d), mask (B, L) bool -> (B, N, h, d)."""
+    keep = mask[:, None, None, :]  # (B, 1, 1, L)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep)
+    return out.transpose(1, 2)
+
+
+class SequenceAttention:
+    """Uncached, frame-causal attention over whole sequences: pos (B, N, 3); block (N,) chunk index per token."""
+
+    def __init__(self, rope: Rope3D, pos: torch.Tensor, block: torch.Tensor) -> None:
+        self.rope = rope
+        self.pos = pos
+        self.mask = block[None, :] <= block[:, None]  # (N, N): query i sees key j iff j's chunk is not later
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k = self.rope.rotate(q, self.pos), self.rope.rotate(k, self.pos)  # (B, N, h, d)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
+        )
+        return out.transpose(1, 2)
+
+    def cross_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return cross_attend(q, k, v, mask)
+
+
+class CachedAttention:
+    """One step of B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
+
+    With `write=True` (the commit pass) each layer's current keys/values are handed to the policy after the layer
+    has attended, so the chunk never sees itself twice. With `write=False` (denoising) the caches are only read.
+    """
+
+    def __init__(
+        self,
+        rope: Rope3D,
+        policy: CachePolicy,
+        caches: Sequence[WorldCache],
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+        write: bool,
+    ) -> None:
+        self.rope = rope
+        self.policy = policy
+        self.caches = caches
+        self.pos = pos
+        self.first_frames = first_frames
+        self.write = write
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for b, cache in enumerate(self.caches):
+            layer_cache = cache.layers[layer]
+            view = self.policy.view(layer_cache)
+            keys = torch.cat((view.key, k[b]))  # (S + N, h, d)
+            values = torch.cat((view.value, v[b]))
+            pos = torch.cat((view.pos, self.pos[b]))  # (S + N, 3)
+            bias = None if view.bias is None else F.pad(view.bias, (0, k.shape[1]))  # current tokens: m = 1
+            outs.append(attend(self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(keys, pos), values, bias))
+            if self.write:
+                self.policy.commit(layer_cache, k[b], v[b], self.pos[b], self.first_frames[b])
+        return torch.stack(outs)  # (B, N, h, d)
+
+    def cross_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return cross_attend(q, k, v, mask)

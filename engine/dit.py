@@ -1,0 +1,160 @@
+"""CausalDiT: the action-conditioned, frame-causal diffusion transformer that predicts flow velocity.
+
+Per frame, latents (C, h, w) are cut into p x p patches -> n = (h/p)(w/p) tokens of width D. Each block:
+
+    x += gate1 * SelfAttn(adaLN(x))          frame-causal, over the KV cache; 3D RoPE at attention time
+    x += CrossAttn(LN(x), prompt tokens)     prompt tokens projected to D
+    x += gate2 * MLP(adaLN(x))
+
+adaLN-zero modulation comes from the per-frame conditioning c = embed(timestep) + embed(action), so each frame's
+action steers only that frame's tokens. Queries and keys are RMS-normalised per head (qk-norm) before rotation,
+which keeps attention logits bounded and makes cached keys comparable by cosine similarity.
+
+The model never touches a cache: attention goes through an attention context (engine/attention.py) that decides
+what each query sees. Shapes: B worlds, T frames, n tokens per frame, N = T n, D width, h heads, d head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionContext, SequenceAttention
+from engine.config import WorldConfig
+from engine.prompt import PromptTokens
+from engine.rope import Rope3D
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of noise levels t in [0, 1] (any shape) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = (t.float() * 1000.0)[..., None] * freqs
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, index: int, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.index = index
+        self.heads = heads
+        head_dim = dim // heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_q = nn.Linear(dim, dim)
+        self.cross_kv = nn.Linear(dim, 2 * dim)
+        self.cross_q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.cross_k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.cross_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        attention: AttentionContext,
+    ) -> torch.Tensor:
+        """x (B, T, n, D); cond (B, T, D); prompt (B, L, D); prompt_mask (B, L) -> (B, T, n, D)."""
+        B, T, n, D = x.shape
+        h = self.heads
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, :, None].chunk(6, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).reshape(B, T * n, 3, h, D // h).unbind(2)
+        attended = attention.self_attention(self.index, self.q_norm(q), self.k_norm(k), v)  # (B, N, h, d)
+        x = x + gate1 * self.proj(attended.reshape(B, T, n, D))
+
+        q = self.cross_q(self.norm_cross(x)).reshape(B, T * n, h, D // h)
+        pk, pv = self.cross_kv(prompt).reshape(B, -1, 2, h, D // h).unbind(2)  # (B, L, h, d) each
+        crossed = attention.cross_attention(self.index, self.cross_q_norm(q), self.cross_k_norm(pk), pv, prompt_mask)
+        x = x + self.cross_proj(crossed.reshape(B, T, n, D))
+
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class CausalDiT(nn.Module):
+    def __init__(self, config: WorldConfig) -> None:
+        super().__init__()
+        m = config.model
+        sizes = config.sizes()
+        self.channels = sizes.latent_shape[0]
+        self.patch = m.patch_size
+        self.grid = sizes.token_grid
+        self.chunk_frames = m.chunk_frames
+        self.dim = m.dim
+        patch_features = self.channels * m.patch_size**2
+        self.patch_embed = nn.Linear(patch_features, m.dim)
+        self.time_embed = nn.Sequential(nn.Linear(256, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
+        self.action_embed = nn.Sequential(nn.Linear(sizes.action_dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
+        self.prompt_proj = nn.Linear(m.prompt.dim, m.dim)
+        self.blocks = nn.ModuleList(DiTBlock(i, m.dim, m.heads, m.mlp_ratio) for i in range(m.depth))
+        self.final_norm = nn.LayerNorm(m.dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(m.dim, 2 * m.dim))
+        self.final = nn.Linear(m.dim, patch_features)
+        self.rope = Rope3D(m.head_dim, m.rope_theta)
+
+    def positions(self, first_frames: torch.Tensor, frames: int) -> torch.Tensor:
+        """(t, y, x) of every token of `frames` frames per world starting at first_frames (B,) -> (B, N, 3) int32."""
+        gh, gw = self.grid
+        t = torch.arange(frames, device=first_frames.device)[:, None, None].expand(frames, gh, gw)
+        y = torch.arange(gh, device=first_frames.device)[None, :, None].expand(frames, gh, gw)
+        x = torch.arange(gw, device=first_frames.device)[None, None, :].expand(frames, gh, gw)
+        grid = torch.stack((t, y, x), dim=-1).reshape(1, frames * gh * gw, 3).repeat(len(first_frames), 1, 1)
+        grid[..., 0] += first_frames[:, None]  # (B, N, 3)
+        return grid.to(torch.int32)
+
+    def sequence_attention(self, batch: int, frames: int, device: torch.device) -> SequenceAttention:
+        """The uncached frame-causal context for sequences of `frames` frames starting at frame 0."""
+        pos = self.positions(torch.zeros(batch, dtype=torch.int64, device=device), frames)
+        frame_of_token = torch.arange(frames, device=device).repeat_interleave(self.grid[0] * self.grid[1])
+        return SequenceAttention(self.rope, pos, frame_of_token // self.chunk_frames)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        prompt: PromptTokens,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity (noise - clean) of latents x (B, T, C, h, w) at noise levels t (B, T).
+
+        actions (B, T, A); prompt embeddings (B, L, D_prompt). Without an attention context the whole sequence
+        is processed uncached and frame-causal (chunked by `chunk_frames`).
+        """
+        B, T, C, H, W = x.shape
+        p, (gh, gw) = self.patch, self.grid
+        if attention is None:
+            attention = self.sequence_attention(B, T, x.device)
+        patches = x.reshape(B, T, C, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
+        tokens = self.patch_embed(patches.reshape(B, T, gh * gw, C * p * p))  # (B, T, n, D)
+        cond = self.time_embed(timestep_embedding(t, 256).to(x.dtype)) + self.action_embed(actions.to(x.dtype))
+        prompt_tokens = self.prompt_proj(prompt.embeddings.to(x.dtype))  # (B, L, D)
+        for block in self.blocks:
+            tokens = block(tokens, cond, prompt_tokens, prompt.mask, attention)
+        shift, scale = self.final_modulation(cond)[:, :, None].chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, n, C p p)
+        out = out.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
+        return out.reshape(B, T, C, H, W)
+
+    def zero_init_(self) -> None:
+        """DiT's adaLN-zero start for training: every residual branch and the output begin at zero."""
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final_modulation[-1], self.final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)

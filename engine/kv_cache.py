@@ -1,0 +1,95 @@
+"""KV cache storage: fixed-capacity slot buffers per layer, and the per-world set of them.
+
+A *slot* holds one cached token of one layer, shared by all heads: its pre-rotary key and its value per head,
+the position (t, y, x) of its newest member, a count m of the tokens merged into it (1 unless a merging policy
+merged several), and the frame index at which it was last written. Attention adds log m to the slot's logit
+(FAST-AR Lemma 5.1), so a slot with mean value and count m stands for m identical keys exactly.
+
+This module only stores. Which slots exist (append, overwrite, merge, evict) and which slots a query sees is the
+job of a `CachePolicy` (engine/policies.py); how attention is computed is the job of engine/attention.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVView:
+    """The slots a query may attend to, in any order (positions travel with them).
+
+    key, value: (S, h, d) pre-rotary keys and values; pos: (S, 3) int32 (t, y, x);
+    bias: (S,) float32 additive logit bias (log m), or None when every count is 1.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pos: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class LayerCache:
+    """Preallocated slot buffers of one layer of one world; slots [0, length) are in use."""
+
+    def __init__(self, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.key = torch.zeros(capacity, heads, head_dim, dtype=dtype, device=device)
+        self.value = torch.zeros(capacity, heads, head_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(capacity, 3, dtype=torch.int32, device=device)
+        self.count = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.frame = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.length = 0
+        self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
+
+    @property
+    def capacity(self) -> int:
+        return self.key.shape[0]
+
+    def reserve(self, slots: int, grow: int) -> None:
+        """Make room for `slots` slots in total, growing by at least `grow` slots at once (one copy per growth)."""
+        if slots <= self.capacity:
+            return
+        capacity = max(slots, self.capacity + grow)
+        for name in ("key", "value", "pos", "count", "frame"):
+            old = getattr(self, name)
+            new = old.new_zeros((capacity, *old.shape[1:]))
+            new[: self.length] = old[: self.length]
+            setattr(self, name, new)
+
+    def write(self, start: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write N fresh slots (count 1) at [start, start + N): key, value (N, h, d); pos (N, 3)."""
+        end = start + key.shape[0]
+        assert end <= self.capacity, f"write past capacity ({end} > {self.capacity})"
+        self.key[start:end] = key
+        self.value[start:end] = value
+        self.pos[start:end] = pos
+        self.count[start:end] = 1.0
+        self.frame[start:end] = pos[:, 0].to(torch.int64)
+        self.length = max(self.length, end)
+
+    def view(self) -> KVView:
+        n = self.length
+        bias = self.count[:n].log() if self.merged else None
+        return KVView(self.key[:n], self.value[:n], self.pos[:n], bias)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by this layer's buffers (not only the slots in use)."""
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value, self.pos, self.count, self.frame))
+
+
+class WorldCache:
+    """The KV cache of one world: one `LayerCache` per transformer block."""
+
+    def __init__(
+        self, depth: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layers = [LayerCache(heads, head_dim, capacity, dtype, device) for _ in range(depth)]
+
+    def tokens_per_layer(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)

@@ -1,0 +1,86 @@
+"""KV cache policies: which slots exist after each commit, and which slots a query sees.
+
+A policy is chosen once when the engine is built and is shared by every world; it holds no per-world state (that
+lives in the `LayerCache` it is handed). Model code never branches on the policy's name.
+
+- `dense`: keeps every token of every frame; the unbounded baseline of the paper. Memory and per-frame attention
+  work grow linearly with the frame index.
+- `window`: keeps the first `sink_frames` frames forever plus the `window_frames` most recent frames, in a ring of
+  fixed slot blocks: frame f >= S overwrites the block of frame f - W. Capacity (S + W) x tokens per frame is
+  allocated once, so memory is flat by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import CacheConfig, Sizes
+from engine.kv_cache import KVView, LayerCache
+
+
+class CachePolicy:
+    """Interface: `capacity` (slots to preallocate), `commit` (store a chunk's tokens), `view` (what queries see)."""
+
+    name: str
+    bounded: bool
+
+    def __init__(self, config: CacheConfig, sizes: Sizes) -> None:
+        self.config = config
+        self.sizes = sizes
+
+    @property
+    def capacity(self) -> int:
+        raise NotImplementedError
+
+    def commit(
+        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
+    ) -> None:
+        """Store a chunk just generated: keys, values (N, h, d), positions (N, 3), frame by frame from
+        `first_frame` (N = frames x tokens_per_frame)."""
+        raise NotImplementedError
+
+    def view(self, cache: LayerCache) -> KVView:
+        return cache.view()
+
+
+class DensePolicy(CachePolicy):
+    name = "dense"
+    bounded = False
+
+    @property
+    def capacity(self) -> int:
+        return self.sizes.grow_slots
+
+    def commit(
+        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
+    ) -> None:
+        cache.reserve(cache.length + key.shape[0], self.sizes.grow_slots)
+        cache.write(cache.length, key, value, pos)
+
+
+class WindowPolicy(CachePolicy):
+    name = "window"
+    bounded = True
+
+    @property
+    def capacity(self) -> int:
+        assert self.sizes.capacity_slots is not None
+        return self.sizes.capacity_slots
+
+    def commit(
+        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
+    ) -> None:
+        n = self.sizes.tokens_per_frame
+        sinks, window = self.config.sink_frames, self.config.window_frames
+        for i in range(key.shape[0] // n):
+            frame = first_frame + i
+            block = frame if frame < sinks else sinks + (frame - sinks) % window
+            rows = slice(i * n, (i + 1) * n)
+            cache.write(block * n, key[rows], value[rows], pos[rows])
+
+
+POLICIES: dict[str, type[CachePolicy]] = {"dense": DensePolicy, "window": WindowPolicy}
+
+
+def make_policy(config: CacheConfig, sizes: Sizes) -> CachePolicy:
+    return POLICIES[config.policy](config, sizes)

@@ -1,0 +1,36 @@
+"""3D rotary position (time, height, width), applied at attention time.
+
+The head dimension d is split into three even parts, one per axis: height and width get 2 * (d // 6) each, time
+gets the rest. Adjacent features (2i, 2i + 1) form a complex number that is rotated by position x frequency (the
+LLaMA / Wan convention), one complex multiply per pair.
+
+Because rotation happens when attention runs, the KV cache stores keys *before* rotation together with their
+integer positions (DESIGN.md section 2, decision 2): the same content in two frames then has the same cached key,
+which is what TempCache compares, and a cache policy may choose the positions its slots are presented at.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Rope3D(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        spatial = 2 * (head_dim // 6)
+        parts = (head_dim - 2 * spatial, spatial, spatial)  # time, height, width
+        freqs = torch.zeros(3, head_dim // 2, dtype=torch.float32)  # (3, d/2): angle per pair per unit of each axis
+        start = 0
+        for axis, width in enumerate(parts):
+            half = width // 2
+            freqs[axis, start : start + half] = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+            start += half
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., N, h, d) by integer positions pos (..., N, 3) = (t, y, x); returns x's dtype."""
+        angles = (pos.to(torch.float32) @ self.freqs).unsqueeze(-2)  # (..., N, 1, d/2)
+        turn = torch.complex(angles.cos(), angles.sin())
+        pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (..., N, h, d/2) complex
+        return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)

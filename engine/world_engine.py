@@ -1,0 +1,179 @@
+"""WorldEngine: builds the model once and advances batches of worlds chunk by chunk.
+
+    engine = WorldEngine.from_config(load_config("configs/default.yaml"), device="cpu")
+    world = engine.new_world(prompt="red brick dungeon", seed=0)
+    [frames] = engine.step([world], [Action(frozenset({"KeyW"}))])   # chunk_frames uint8 (H, W, 3) arrays
+
+One `step` is one batched call for all the worlds given: projections and feed-forward layers run over the whole
+batch; attention runs per world over its own cache length (see engine/attention.py), so worlds that started at
+different times batch together without padding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from engine.actions import IDLE, Action
+from engine.attention import CachedAttention
+from engine.checkpoint import load_checkpoint
+from engine.config import WorldConfig
+from engine.kv_cache import WorldCache
+from engine.model import WorldModel
+from engine.policies import make_policy
+from engine.prompt import PromptTokens
+from engine.sampler import FlowSampler
+from engine.world import World
+
+ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class WorldEngine:
+    def __init__(self, config: WorldConfig, model: WorldModel, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+        self.policy = make_policy(config.cache, self.sizes)
+        self.sampler = FlowSampler(config.sampler)
+        self.action_space = model.action_space
+
+    @classmethod
+    def from_config(cls, config: WorldConfig, device: str | torch.device | None = None) -> WorldEngine:
+        """Build the model, load `runtime.checkpoint` (or seeded random weights) and move it to the device."""
+        device = resolve_device(str(device) if device is not None else config.runtime.device)
+        dtype = resolve_dtype(config.runtime.dtype, device)
+        model = WorldModel(config)
+        if config.runtime.checkpoint is not None:
+            load_checkpoint(config.runtime.checkpoint, model)
+        else:
+            model.init_random_(config.runtime.init_seed)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(config, model, device, dtype)
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.config.model.chunk_frames
+
+    @torch.no_grad()
+    def new_world(self, prompt: str = "", seed: int = 0, init_frames: np.ndarray | None = None) -> World:
+        """A fresh world; `init_frames` (T, H, W, 3) uint8, T a multiple of chunk_frames, are written into its
+        cache as its first frames (as if generated under idle actions), so generation continues from them."""
+        m = self.config.model
+        cache = WorldCache(m.depth, m.heads, m.head_dim, self.policy.capacity, self.dtype, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        world = World(prompt, seed, self.model.prompt_encoder([prompt]), cache, generator)
+        if init_frames is not None:
+            self._write_init_frames(world, init_frames)
+        return world
+
+    def set_prompt(self, world: World, prompt: str) -> None:
+        """Condition the world's next frames on a new prompt; its history stays."""
+        with torch.no_grad():
+            world.prompt_tokens = self.model.prompt_encoder([prompt])
+        world.prompt = prompt
+
+    @torch.no_grad()
+    def step(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
+        """Advance every world by one chunk in one batched call; returns per world its chunk's frames, each a uint8
+        (H, W, 3) array. Worlds must be distinct and made by this engine."""
+        if len(worlds) != len(actions) or not worlds:
+            raise ValueError(f"need one action entry per world, got {len(actions)} for {len(worlds)} worlds")
+        if len({id(w) for w in worlds}) != len(worlds):
+            raise ValueError("a world may appear only once per step")
+        started = time.perf_counter()
+        B, T = len(worlds), self.chunk_frames
+        # 1. conditioning: actions (B, T, A), prompts, positions of the chunk's tokens
+        encoded = self._encode_actions(worlds, actions)
+        prompt = PromptTokens.stack([w.prompt_tokens for w in worlds])
+        first_frames = [w.frame_index for w in worlds]
+        pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (B, N, 3)
+        # 2. noise from each world's own generator, so a world's frames do not depend on its batch mates
+        noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
+
+        # 3. denoise; the caches are only read
+        def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+            attention = CachedAttention(
+                self.model.dit.rope, self.policy, [w.cache for w in worlds], pos, first_frames, write=False
+            )
+            return self.model.dit(x, x.new_full((B, T), t), encoded, prompt, attention)
+
+        clean = self.sampler.sample(velocity, noise)
+        # 4. one more pass at context noise writes the chunk's keys and values into the caches
+        self._commit(worlds, clean, encoded, prompt, pos, first_frames)
+        # 5. decode to RGB (the copy to host is the step's one synchronisation)
+        decode_started = time.perf_counter()
+        frames = self.model.autoencoder.decode(clean.flatten(0, 1)).cpu().numpy()  # (B T, H, W, 3)
+        finished = time.perf_counter()
+        # 6. advance the worlds
+        for world in worlds:
+            world.frame_index += T
+            world.stats.frames += T
+            world.stats.last_step_ms = (finished - started) * 1e3
+            world.stats.last_decode_ms = (finished - decode_started) * 1e3
+        return [list(frames[b * T : (b + 1) * T]) for b in range(B)]
+
+    def _encode_actions(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> torch.Tensor:
+        T = self.chunk_frames
+        rows = []
+        for world, entry in zip(worlds, actions):
+            per_frame = [entry] * T if isinstance(entry, Action) else list(entry)
+            if len(per_frame) != T:
+                raise ValueError(f"expected 1 or {T} actions per world for a chunk of {T} frames, got {len(per_frame)}")
+            encoded, unknown = self.action_space.encode(per_frame)
+            world.stats.unknown_keys += unknown
+            rows.append(encoded)
+        return torch.stack(rows).to(self.device, self.dtype)  # (B, T, A)
+
+    def _noise(self, world: World) -> torch.Tensor:
+        shape = (self.chunk_frames, *self.sizes.latent_shape)
+        return torch.randn(shape, generator=world.generator, device=self.device).to(self.dtype)
+
+    def _commit(
+        self,
+        worlds: Sequence[World],
+        clean: torch.Tensor,
+        actions: torch.Tensor,
+        prompt: PromptTokens,
+        pos: torch.Tensor,
+        first_frames: list[int],
+    ) -> None:
+        level = self.sampler.context_noise
+        if level > 0:
+            clean = self.sampler.noised(clean, torch.stack([self._noise(w) for w in worlds]), level)
+        attention = CachedAttention(
+            self.model.dit.rope, self.policy, [w.cache for w in worlds], pos, first_frames, write=True
+        )
+        self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention)
+
+    def _write_init_frames(self, world: World, frames: np.ndarray) -> None:
+        m, T = self.config.model, self.chunk_frames
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (m.frame_height, m.frame_width, 3):
+            expected = f"uint8 (T, {m.frame_height}, {m.frame_width}, 3)"
+            raise ValueError(f"init_frames must be {expected}, got {frames.shape} {frames.dtype}")
+        if len(frames) == 0 or len(frames) % T:
+            raise ValueError(f"init_frames must hold a positive multiple of chunk_frames={T} frames, got {len(frames)}")
+        latents = self.model.autoencoder.encode(torch.from_numpy(frames))  # (T0, C, h, w)
+        for start in range(0, len(frames), T):
+            pos = self.model.dit.positions(torch.tensor([world.frame_index], device=self.device), T)
+            actions = self._encode_actions([world], [IDLE])
+            chunk = latents[start : start + T][None]  # (1, T, C, h, w)
+            self._commit([world], chunk, actions, world.prompt_tokens, pos, [world.frame_index])
+            world.frame_index += T

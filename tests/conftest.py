@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from engine import WorldConfig, WorldEngine, parse_config
+
+# 16x16 frames -> 4x4 latents (two autoencoder stages) -> 16 tokens per frame; 2 blocks of width 32, 2 heads.
+TINY: dict[str, Any] = {
+    "model": {
+        "frame_height": 16,
+        "frame_width": 16,
+        "patch_size": 1,
+        "dim": 32,
+        "depth": 2,
+        "heads": 2,
+        "autoencoder": {"channels": [8, 8], "latent_channels": 4},
+        "prompt": {"vocab_size": 64, "max_tokens": 4, "dim": 16},
+    },
+    "sampler": {"steps": 2},
+    "cache": {"policy": "dense", "sink_frames": 1, "window_frames": 3, "grow_frames": 4},
+    "runtime": {"device": "cpu", "dtype": "float32"},
+}
+
+
+def tiny_config(**sections: dict[str, Any]) -> WorldConfig:
+    """TINY with some keys replaced, e.g. tiny_config(cache={"policy": "window"})."""
+    data = copy.deepcopy(TINY)
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return parse_config(data, "<tiny>")
+
+
+def write_config(path: Path, config: dict[str, Any] | None = None) -> Path:
+    path.write_text(yaml.safe_dump(config if config is not None else TINY))
+    return path
+
+
+@pytest.fixture
+def tiny() -> WorldConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny_engine(tiny: WorldConfig) -> WorldEngine:
+    return WorldEngine.from_config(tiny)
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")

@@ -1,0 +1,95 @@
+"""Config loading: defaults, clear errors that name the key and the file, derived sizes in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import ConfigError, WorldConfig, load_config
+from engine.config import describe_config
+from engine.kv_cache import LayerCache
+from tests.conftest import tiny_config, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_default_config_loads_and_equals_the_built_in_defaults() -> None:
+    config = load_config(ROOT / "configs" / "default.yaml")
+    assert config == WorldConfig()
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.yaml", {"model": {"dimm": 64}})
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'model\.dimm'"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.yaml", {"sampler": {"steps": "four"}})
+    with pytest.raises(ConfigError, match=r"bad\.yaml: key 'sampler\.steps'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"frame_height": 60}, "frame_height=60 must be a multiple of"),
+        ({"dim": 100, "heads": 3}, "dim=100 must be a multiple of heads=3"),
+        ({"dim": 30, "heads": 6}, "head dim dim/heads=5 must be even"),
+        ({"depth": 0}, "model.depth"),
+    ],
+)
+def test_impossible_sizes_are_rejected(tmp_path: Path, model: dict, message: str) -> None:
+    path = write_config(tmp_path / "bad.yaml", {"model": model})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_overrides_and_relative_checkpoint(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", {"runtime": {"checkpoint": "weights/w.safetensors"}})
+    config = load_config(path, {"cache.policy": "dense", "cache.window_frames": 7})
+    assert config.cache.policy == "dense" and config.cache.window_frames == 7
+    assert config.runtime.checkpoint == (tmp_path / "weights" / "w.safetensors").resolve()
+    with pytest.raises(ConfigError, match="unknown key 'cache.polcy'"):
+        load_config(path, {"cache.polcy": "dense"})
+
+
+def test_derived_sizes() -> None:
+    sizes = WorldConfig().sizes()
+    assert sizes.latent_shape == (8, 8, 8)
+    assert sizes.token_grid == (4, 4) and sizes.tokens_per_frame == 16
+    assert sizes.action_dim == 12
+    assert sizes.capacity_slots == (1 + 32) * 16
+    assert sizes.slot_bytes == 2 * 6 * 32 * 4 + 24
+    assert sizes.capacity_bytes == sizes.capacity_slots * sizes.slot_bytes * 6
+    dense = WorldConfig(cache={"policy": "dense"}).sizes()
+    assert dense.capacity_slots is None and dense.capacity_bytes is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_bytes_match_the_cache_buffers(dtype: torch.dtype) -> None:
+    config = tiny_config()
+    m = config.model
+    sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    layer = LayerCache(m.heads, m.head_dim, 10, dtype, torch.device("cpu"))
+    assert layer.nbytes == 10 * sizes.slot_bytes
+
+
+def test_every_field_is_documented_and_docs_are_current() -> None:
+    text = describe_config()
+    assert "| `cache.window_frames` | 32 |" in text
+    hint = "regenerate with: worldserve config --describe > docs/config.md"
+    assert (ROOT / "docs" / "config.md").read_text() == text, hint
