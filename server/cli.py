@@ -1,0 +1,121 @@
+"""The `worldserve` command line.
+
+worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine import CheckpointError, ConfigError, WorldEngine, load_config
+from engine.config import describe_config
+from engine.rollout import load_actions, random_actions, run_rollout
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cache.policy=dense), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--policy", help="KV cache policy, overriding cache.policy (dense, window)")
+    parser.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set cache.window_frames=16 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    overrides = dict(args.overrides)
+    if args.policy:
+        overrides["cache.policy"] = args.policy
+    if args.device:
+        overrides["runtime.device"] = args.device
+    return load_config(args.config, overrides)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.actions == "random":
+        actions = random_actions(args.frames, args.seed)
+    else:
+        actions = load_actions(args.actions)
+        if len(actions) < args.frames:
+            raise ValueError(f"{args.actions} holds {len(actions)} actions; --frames asks for {args.frames}")
+        actions = actions[: args.frames]
+    engine = WorldEngine.from_config(config)
+    stats = run_rollout(engine, actions, args.out, seed=args.seed, prompt=args.prompt, write_frames=not args.no_png)
+    summary = stats["summary"]
+    print(
+        f"wrote {summary['frames']} frames to {args.out} | policy {summary['policy']} on {summary['device']} | "
+        f"step {summary['step_ms_median']:.1f} ms median | cache {stats['frames'][-1]['cache_bytes'] / 2**20:.2f} MiB"
+    )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.describe:
+        print(describe_config(), end="")
+        return 0
+    config = _load(args)
+    document = {"config": config.model_dump(mode="json"), "derived": dataclasses.asdict(config.sizes())}
+    print(yaml.safe_dump(document, sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldserve", description="Interactive world-model game-engine server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rollout = commands.add_parser("rollout", help="generate frames offline and write them to disk")
+    _add_config_arguments(rollout)
+    rollout.add_argument("--frames", type=_positive, default=64, help="frames to generate (default: %(default)s)")
+    rollout.add_argument("--seed", type=int, default=0, help="world seed (noise and random actions)")
+    rollout.add_argument("--actions", default="random", help="'random' or an actions JSON file to replay")
+    rollout.add_argument("--prompt", default="", help="text prompt, e.g. 'red brick dungeon'")
+    rollout.add_argument("--out", type=Path, required=True, help="output folder")
+    rollout.add_argument("--no-png", action="store_true", help="skip the per-frame PNGs (long runs)")
+    rollout.set_defaults(run=cmd_rollout)
+
+    config = commands.add_parser("config", help="print the resolved config and its derived sizes")
+    _add_config_arguments(config)
+    config.add_argument("--describe", action="store_true", help="print the reference of every key (markdown)")
+    config.set_defaults(run=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        print(f"worldserve {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
