@@ -122,12 +122,55 @@ class SamplerConfig(_Section):
 
 
 class CacheConfig(_Section):
-    policy: Literal["dense", "window"] = Field(
-        "window", description="which slots exist: dense keeps every frame, window keeps sinks + recent frames"
+    policy: Literal["dense", "window", "tempcache"] = Field(
+        "window",
+        description="which slots exist: dense keeps every frame, window keeps sinks + recent frames, tempcache "
+        "merges near-duplicate tokens into counted slots under a hard bound",
     )
     sink_frames: int = Field(1, ge=0, description="first frames kept forever by bounded policies (frames)")
     window_frames: int = Field(32, ge=1, description="most recent frames kept by the window policy (frames)")
     grow_frames: int = Field(64, ge=1, description="unbounded caches grow their buffers by this much at once (frames)")
+    max_slots: int | None = Field(
+        None,
+        ge=1,
+        description="tempcache hard bound per layer (slots); none = the window policy's capacity, "
+        "(sink_frames + window_frames) x tokens per frame",
+    )
+    tau: float = Field(
+        0.9, description="tempcache merges a token into its match when cosine similarity >= tau (unitless; >1: never)"
+    )
+    ann: Literal["exact", "torch", "faiss"] = Field(
+        "torch", description="tempcache top-1 search: exact, torch (8-bit quantised), faiss (8-bit scalar quantiser)"
+    )
+
+
+class AttentionConfig(_Section):
+    annsa: bool = Field(False, description="AnnSA: block-sparse self-attention over LSH buckets")
+    annca: bool = Field(False, description="AnnCA: per frame, cross-attend only to prompt tokens sharing a bucket")
+    kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="block-sparse kernel: torch reference, triton, or auto (triton on cuda, else torch)"
+    )
+    block_q: int = Field(16, ge=1, description="queries per block of the block-sparse layout (tokens)")
+    block_k: int = Field(16, ge=1, description="keys per block of the block-sparse layout (tokens)")
+    lsh_bits: int = Field(3, ge=1, le=12, description="random hyperplanes per LSH table: 2^bits buckets (bits)")
+    lsh_tables: int = Field(2, ge=1, le=8, description="LSH tables; a query meets a key sharing a bucket in any")
+    lsh_seed: int = Field(0, description="seed of the LSH hyperplanes")
+    dense_step_fraction: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="the first round(fraction x sampler.steps) denoising steps attend densely (fraction)",
+    )
+    dense_layers: tuple[int, ...] = Field((), description="blocks that always attend densely (block indices)")
+    measure: bool = Field(
+        False, description="measure density and recall of sparse attention per layer (costs a dense pass)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionConfig:
+        if any(layer < 0 for layer in self.dense_layers):
+            raise ValueError("dense_layers must be non-negative block indices")
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -145,6 +188,7 @@ class WorldConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture (embedded in checkpoints)")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="few-step flow sampler")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="KV cache policy")
+    attention: AttentionConfig = Field(default_factory=AttentionConfig, description="sparse attention")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="device, dtype, weights")
 
     @model_validator(mode="after")
@@ -154,6 +198,16 @@ class WorldConfig(_Section):
                 f"cache.window_frames={self.cache.window_frames} must hold at least one chunk "
                 f"(model.chunk_frames={self.model.chunk_frames})"
             )
+        if any(layer >= self.model.depth for layer in self.attention.dense_layers):
+            raise ValueError(f"attention.dense_layers must be below model.depth={self.model.depth}")
+        sizes = self.sizes()
+        if self.cache.policy == "tempcache":
+            least = self.cache.sink_frames * sizes.tokens_per_frame + 2 * sizes.tokens_per_chunk
+            if sizes.capacity_slots < least:
+                raise ValueError(
+                    f"tempcache capacity {sizes.capacity_slots} slots (cache.max_slots) must hold the sinks, the "
+                    f"previous chunk and the new one (>= {least} slots)"
+                )
         return self
 
     def sizes(self, dtype_bytes: int = 4) -> Sizes:
@@ -165,8 +219,11 @@ class WorldConfig(_Section):
         tokens = grid_h * grid_w
         # key + value per head, a 3-int32 position, a float32 count and an int64 frame index per slot
         slot_bytes = 2 * m.heads * m.head_dim * dtype_bytes + 3 * 4 + 4 + 8
+        window = (self.cache.sink_frames + self.cache.window_frames) * tokens
         if self.cache.policy == "window":
-            capacity = (self.cache.sink_frames + self.cache.window_frames) * tokens
+            capacity = window
+        elif self.cache.policy == "tempcache":
+            capacity = self.cache.max_slots or window
         else:
             capacity = None
         return Sizes(
