@@ -41,6 +41,8 @@ class LayerCache:
         self.frame = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.length = 0
         self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
+        self.merges = 0  # tokens merged into an existing slot, since creation
+        self.evictions = 0  # slots evicted to make room, since creation
 
     @property
     def capacity(self) -> int:
@@ -93,3 +95,14 @@ class WorldCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def stats(self) -> dict[str, list]:
+        """Per layer: slots in use, merges and evictions so far, mean tokens per slot."""
+        return {
+            "slots": self.tokens_per_layer(),
+            "merges": [layer.merges for layer in self.layers],
+            "evictions": [layer.evictions for layer in self.layers],
+            "mean_count": [
+                round(float(layer.count[: layer.length].mean()), 4) if layer.length else 0.0 for layer in self.layers
+            ],
+        }
