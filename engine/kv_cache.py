@@ -18,7 +18,8 @@ import torch
 
 @dataclass
 class KVView:
-    """The slots a query may attend to, in any order (positions travel with them).
+    """The slots a query may attend to; positions travel with them, so order does not matter, except that the
+    first `sinks` slots are the attention-sink frames (always visible to sparse attention).
 
     key, value: (S, h, d) pre-rotary keys and values; pos: (S, 3) int32 (t, y, x);
     bias: (S,) float32 additive logit bias (log m), or None when every count is 1.
@@ -28,6 +29,7 @@ class KVView:
     value: torch.Tensor
     pos: torch.Tensor
     bias: torch.Tensor | None
+    sinks: int = 0
 
 
 class LayerCache:
@@ -43,6 +45,7 @@ class LayerCache:
         self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
         self.merges = 0  # tokens merged into an existing slot, since creation
         self.evictions = 0  # slots evicted to make room, since creation
+        self.recent: torch.Tensor | None = None  # slots the latest frame's tokens went to (a merging policy's state)
 
     @property
     def capacity(self) -> int:
@@ -70,10 +73,35 @@ class LayerCache:
         self.frame[start:end] = pos[:, 0].to(torch.int64)
         self.length = max(self.length, end)
 
-    def view(self) -> KVView:
+    def write_at(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write fresh slots (count 1) at reserved indices `slots` (u,) < length: key, value (u, h, d); pos (u, 3)."""
+        self.key[slots] = key
+        self.value[slots] = value
+        self.pos[slots] = pos
+        self.count[slots] = 1.0
+        self.frame[slots] = pos[:, 0].to(torch.int64)
+
+    def merge(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merge one new token into each of `slots` (u,), distinct: newest key and position, running mean value."""
+        count = self.count[slots]  # (u,)
+        mean = (self.value[slots].float() * count[:, None, None] + value.float()) / (count[:, None, None] + 1)
+        self.value[slots] = mean.to(self.value.dtype)
+        self.key[slots] = key
+        self.pos[slots] = pos
+        self.count[slots] = count + 1
+        self.frame[slots] = pos[:, 0].to(torch.int64)
+        self.merged = True
+        self.merges += slots.numel()
+
+    def evict(self, slots: torch.Tensor) -> None:
+        """Mark `slots` as evicted; the caller overwrites them with `write_at`."""
+        self.evictions += slots.numel()
+
+    def view(self, sinks: int = 0) -> KVView:
+        """All slots in use; the first `sinks` of them are sink slots."""
         n = self.length
         bias = self.count[:n].log() if self.merged else None
-        return KVView(self.key[:n], self.value[:n], self.pos[:n], bias)
+        return KVView(self.key[:n], self.value[:n], self.pos[:n], bias, min(sinks, n))
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,7 @@ lives in the `LayerCache` it is handed). Model code never branches on the policy
 - `window`: keeps the first `sink_frames` frames forever plus the `window_frames` most recent frames, in a ring of
   fixed slot blocks: frame f >= S overwrites the block of frame f - W. Capacity (S + W) x tokens per frame is
   allocated once, so memory is flat by construction.
+- `tempcache`: merges near-duplicate tokens into counted slots under a hard bound (engine/tempcache.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class CachePolicy:
         raise NotImplementedError
 
     def view(self, cache: LayerCache) -> KVView:
-        return cache.view()
+        """Every slot in use; every policy stores the sink frames' tokens first and never moves them."""
+        return cache.view(sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
 
 
 class DensePolicy(CachePolicy):
@@ -79,8 +81,10 @@ class WindowPolicy(CachePolicy):
             cache.write(block * n, key[rows], value[rows], pos[rows])
 
 
-POLICIES: dict[str, type[CachePolicy]] = {"dense": DensePolicy, "window": WindowPolicy}
-
-
 def make_policy(config: CacheConfig, sizes: Sizes) -> CachePolicy:
-    return POLICIES[config.policy](config, sizes)
+    if config.policy == "tempcache":  # imported here: engine.tempcache builds on CachePolicy from this module
+        from engine.ann import make_ann
+        from engine.tempcache import TempCachePolicy
+
+        return TempCachePolicy(config, sizes, make_ann(config.ann))
+    return {"dense": DensePolicy, "window": WindowPolicy}[config.policy](config, sizes)

@@ -1,0 +1,146 @@
+"""TempCache: exact for duplicate keys (Lemma 5.1), equal to dense without merging, bounded without redundancy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import IDLE, WorldEngine
+from engine.ann import ExactAnn
+from engine.attention import attend
+from engine.kv_cache import LayerCache
+from engine.rope import Rope3D
+from engine.tempcache import TempCachePolicy
+from tests.conftest import tiny_config
+
+H, D, N = 2, 16, 8  # heads, head dim, tokens per frame of these cache-level tests
+
+
+def _policy(capacity: int, tau: float = 0.9, sink_frames: int = 1) -> TempCachePolicy:
+    config = tiny_config(
+        model={"frame_height": 16, "frame_width": 32, "heads": 2, "dim": 32, "patch_size": 2},
+        cache={"policy": "tempcache", "max_slots": capacity, "tau": tau, "sink_frames": sink_frames},
+    )
+    sizes = config.sizes()
+    assert sizes.tokens_per_frame == N
+    return TempCachePolicy(config.cache, sizes, ExactAnn())
+
+
+def _cache(policy: TempCachePolicy) -> LayerCache:
+    return LayerCache(H, D, policy.capacity, torch.float32, torch.device("cpu"))
+
+
+def _positions(frame: int) -> torch.Tensor:
+    pos = torch.zeros(N, 3, dtype=torch.int32)
+    pos[:, 0] = frame
+    pos[:, 2] = torch.arange(N)
+    return pos
+
+
+def test_duplicate_keys_merge_and_attention_equals_dense() -> None:
+    """Lemma 5.1: slots with mean values and a log m bias attend exactly like the duplicates they replace."""
+    torch.manual_seed(0)
+    policy, rope = _policy(capacity=64), Rope3D(D, 10000.0)
+    cache = _cache(policy)
+    keys, values, positions = [], [], []
+    base = torch.randn(N, H, D)
+    for frame in range(6):
+        key = torch.randn(N, H, D) if frame == 0 else base  # frames 2.. repeat frame 1's keys exactly
+        value = torch.randn(N, H, D)
+        pos = _positions(0)  # one position for every frame, so duplicate keys are duplicates after rotation too
+        policy.commit(cache, key, value, pos, first_frame=frame)
+        keys.append(key), values.append(value), positions.append(pos)
+
+    assert cache.length == 2 * N and cache.merges == 4 * N
+    assert cache.count[:N].tolist() == [1.0] * N and cache.count[N : 2 * N].tolist() == [5.0] * N
+    torch.testing.assert_close(cache.value[N : 2 * N], torch.stack(values[1:]).mean(0))
+
+    q = torch.randn(5, H, D)
+    q_pos = torch.zeros(5, 3, dtype=torch.int32)
+    k_all, p_all = torch.cat(keys), torch.cat(positions)
+    dense = attend(rope.rotate(q, q_pos), rope.rotate(k_all, p_all), torch.cat(values), None)
+    view = policy.view(cache)
+    merged = attend(rope.rotate(q, q_pos), rope.rotate(view.key, view.pos), view.value, view.bias)
+    torch.testing.assert_close(merged, dense, atol=1e-5, rtol=0)
+
+
+def test_merge_keeps_newest_key_and_position_and_one_token_per_slot() -> None:
+    torch.manual_seed(1)
+    policy = _policy(capacity=64)
+    cache = _cache(policy)
+    policy.commit(cache, torch.randn(N, H, D), torch.randn(N, H, D), _positions(0), first_frame=0)  # sink
+    first = torch.randn(N, H, D)
+    policy.commit(cache, first, torch.randn(N, H, D), _positions(1), first_frame=1)
+    # frame 2: token 0 and token 1 both near-copies of frame 1's token 0; the closer one merges, the other appends
+    nxt = torch.randn(N, H, D)
+    nxt[0] = first[0] + 0.01 * torch.randn(H, D)
+    nxt[1] = first[0] + 0.05 * torch.randn(H, D)
+    policy.commit(cache, nxt, torch.randn(N, H, D), _positions(2), first_frame=2)
+    slot = N  # frame 1's token 0 went to the first slot after the sinks
+    assert cache.merges == 1 and cache.count[slot] == 2
+    assert torch.equal(cache.key[slot], nxt[0]) and torch.equal(cache.pos[slot], _positions(2)[0])
+    assert cache.length == 2 * N + (N - 1)
+
+
+def test_sinks_are_never_merge_targets() -> None:
+    policy = _policy(capacity=64)
+    cache = _cache(policy)
+    key = torch.randn(N, H, D)
+    policy.commit(cache, key, torch.randn(N, H, D), _positions(0), first_frame=0)
+    policy.commit(cache, key, torch.randn(N, H, D), _positions(1), first_frame=1)  # identical to the sink frame
+    assert cache.merges == 0 and cache.length == 2 * N
+
+
+def test_no_redundancy_stays_within_the_bound_and_evicts_least_recently_touched() -> None:
+    torch.manual_seed(2)
+    capacity = 5 * N  # 1 sink frame + 4 frames
+    policy = _policy(capacity=capacity)
+    cache = _cache(policy)
+    allocated = cache.nbytes
+    for frame in range(50):  # 10x the capacity of fresh random content: nothing to merge
+        policy.commit(cache, torch.randn(N, H, D), torch.randn(N, H, D), _positions(frame), first_frame=frame)
+        assert cache.length <= capacity and cache.nbytes == allocated
+    assert cache.merges == 0 and cache.evictions == 45 * N
+    assert sorted(set(cache.frame[: cache.length].tolist())) == [0, 46, 47, 48, 49]
+
+
+def test_recently_merged_slots_outlive_older_ones() -> None:
+    torch.manual_seed(3)
+    policy = _policy(capacity=4 * N)
+    cache = _cache(policy)
+    policy.commit(cache, torch.randn(N, H, D), torch.randn(N, H, D), _positions(0), first_frame=0)
+    static = torch.randn(N // 2, H, D)
+    for frame in range(1, 12):
+        # half the tokens are static content (merged every frame), half are new every frame
+        key = torch.cat((static, torch.randn(N - N // 2, H, D)))
+        policy.commit(cache, key, torch.randn(N, H, D), _positions(frame), first_frame=frame)
+    live = cache.frame[: cache.length]
+    counts = cache.count[: cache.length]
+    assert (counts == 11).sum() == N // 2, "the static half lives on in merged slots touched every frame"
+    assert (live[counts == 11] == 11).all()
+    assert cache.length == 4 * N and cache.evictions > 0
+
+
+@pytest.mark.parametrize("ann", ["exact", "torch", "faiss"])
+def test_without_merging_tempcache_equals_dense(ann: str) -> None:
+    dense = WorldEngine.from_config(tiny_config(cache={"policy": "dense"}))
+    temp = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache", "tau": 1.5, "max_slots": 64 * 16, "ann": ann}))
+    a, b = dense.new_world(seed=4, prompt="icy cave"), temp.new_world(seed=4, prompt="icy cave")
+    for _ in range(8):
+        [[fa]], [[fb]] = dense.step([a], [IDLE]), temp.step([b], [IDLE])
+        assert np.array_equal(fa, fb)
+    assert b.cache.stats()["merges"] == [0, 0] and b.cache.tokens_per_layer() == a.cache.tokens_per_layer()
+
+
+def test_engine_cache_never_exceeds_its_budget() -> None:
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache", "sink_frames": 1, "window_frames": 3}))
+    world = engine.new_world(seed=5)
+    budget = engine.sizes.capacity_bytes
+    assert world.cache.nbytes == budget
+    for _ in range(40):  # 10x the capacity
+        engine.step([world], [IDLE])
+        assert world.cache.nbytes == budget
+        assert max(world.cache.tokens_per_layer()) <= engine.sizes.capacity_slots
+    stats = world.cache.stats()
+    assert all(e > 0 for e in stats["evictions"])
