@@ -6,7 +6,8 @@ computes it. Two contexts:
 - `SequenceAttention`: no cache. Every frame of a whole sequence in one forward, frame-causal by chunk (a token
   sees its own chunk and every earlier one). For training and as the reference the cached path is tested against.
 - `CachedAttention`: one autoregressive step of a batch of worlds. Each world's queries see the slots its
-  `CachePolicy` exposes plus the current chunk; in a commit pass the policy then stores the chunk's keys/values.
+  `CachePolicy` exposes plus the current chunk (densely, or block-sparse through AnnSA when `SparseAttention`
+  says so for this layer and step); in a commit pass the policy then stores the chunk's keys/values.
   Worlds hold different cache lengths, so attention runs **per world over its own slots** (grouped: no padding, no
   wasted work); projections and feed-forward layers around it stay batched over all worlds.
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from engine.kv_cache import WorldCache
 from engine.policies import CachePolicy
 from engine.rope import Rope3D
+from engine.sparse_attention import SparseAttention
 
 
 class AttentionContext(Protocol):
@@ -74,10 +76,11 @@ class SequenceAttention:
 
 
 class CachedAttention:
-    """One step of B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
+    """One pass over B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
 
     With `write=True` (the commit pass) each layer's current keys/values are handed to the policy after the layer
     has attended, so the chunk never sees itself twice. With `write=False` (denoising) the caches are only read.
+    `sparse` (None: dense everywhere) decides per layer and denoising `step` whether AnnSA / AnnCA run.
     """
 
     def __init__(
@@ -88,6 +91,8 @@ class CachedAttention:
         pos: torch.Tensor,
         first_frames: Sequence[int],
         write: bool,
+        sparse: SparseAttention | None = None,
+        step: int = 0,
     ) -> None:
         self.rope = rope
         self.policy = policy
@@ -95,17 +100,29 @@ class CachedAttention:
         self.pos = pos
         self.first_frames = first_frames
         self.write = write
+        self.sparse = sparse
+        self.step = step
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
+        n = k.shape[1]
         outs = []
         for b, cache in enumerate(self.caches):
             layer_cache = cache.layers[layer]
             view = self.policy.view(layer_cache)
-            keys = torch.cat((view.key, k[b]))  # (S + N, h, d)
-            values = torch.cat((view.value, v[b]))
-            pos = torch.cat((view.pos, self.pos[b]))  # (S + N, 3)
-            bias = None if view.bias is None else F.pad(view.bias, (0, k.shape[1]))  # current tokens: m = 1
-            outs.append(attend(self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(keys, pos), values, bias))
+            s = view.sinks
+            # keys in the order [sinks | current chunk | other slots]: sparse attention always sees the first two
+            keys = torch.cat((view.key[:s], k[b], view.key[s:]))  # (S + N, h, d)
+            values = torch.cat((view.value[:s], v[b], view.value[s:]))
+            pos = torch.cat((view.pos[:s], self.pos[b], view.pos[s:]))  # (S + N, 3)
+            bias = None
+            if view.bias is not None:  # current tokens: m = 1, log m = 0
+                bias = torch.cat((view.bias[:s], view.bias.new_zeros(n), view.bias[s:]))
+            q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(keys, pos)
+            if sparse is None:
+                outs.append(attend(q_rot, k_rot, values, bias))
+            else:
+                outs.append(sparse.self_attention(layer, q_rot, k_rot, values, bias, fixed=s + n))
             if self.write:
                 self.policy.commit(layer_cache, k[b], v[b], self.pos[b], self.first_frames[b])
         return torch.stack(outs)  # (B, N, h, d)
@@ -113,4 +130,6 @@ class CachedAttention:
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
+        if self.sparse is not None and self.sparse.cross_sparse(layer, self.step):
+            return self.sparse.cross_attention(layer, q, k, v, mask)
         return cross_attend(q, k, v, mask)

@@ -22,10 +22,12 @@ from engine.attention import CachedAttention
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
 from engine.kv_cache import WorldCache
+from engine.meter import AttentionMeter
 from engine.model import WorldModel
 from engine.policies import make_policy
 from engine.prompt import PromptTokens
 from engine.sampler import FlowSampler
+from engine.sparse_attention import SparseAttention
 from engine.world import World
 
 ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
@@ -53,6 +55,11 @@ class WorldEngine:
         self.policy = make_policy(config.cache, self.sizes)
         self.sampler = FlowSampler(config.sampler)
         self.action_space = model.action_space
+        attention = config.attention
+        self.meter = AttentionMeter() if attention.measure else None
+        self.sparse = None
+        if attention.annsa or attention.annca:
+            self.sparse = SparseAttention(attention, config.model.head_dim, config.sampler.steps, device, self.meter)
 
     @classmethod
     def from_config(cls, config: WorldConfig, device: str | torch.device | None = None) -> WorldEngine:
@@ -109,8 +116,9 @@ class WorldEngine:
 
         # 3. denoise; the caches are only read
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+            caches = [w.cache for w in worlds]
             attention = CachedAttention(
-                self.model.dit.rope, self.policy, [w.cache for w in worlds], pos, first_frames, write=False
+                self.model.dit.rope, self.policy, caches, pos, first_frames, write=False, sparse=self.sparse, step=step
             )
             return self.model.dit(x, x.new_full((B, T), t), encoded, prompt, attention)
 
@@ -157,8 +165,16 @@ class WorldEngine:
         level = self.sampler.context_noise
         if level > 0:
             clean = self.sampler.noised(clean, torch.stack([self._noise(w) for w in worlds]), level)
-        attention = CachedAttention(
-            self.model.dit.rope, self.policy, [w.cache for w in worlds], pos, first_frames, write=True
+        caches = [w.cache for w in worlds]
+        attention = CachedAttention(  # the commit pass counts as the step after the last denoising step
+            self.model.dit.rope,
+            self.policy,
+            caches,
+            pos,
+            first_frames,
+            write=True,
+            sparse=self.sparse,
+            step=self.sampler.steps,
         )
         self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention)
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
-from engine import WorldConfig, WorldEngine, parse_config
+# Without a GPU, Triton kernels run in the interpreter; the variable must be set before any kernel is defined,
+# i.e. before engine modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import yaml  # noqa: E402
+
+from engine import WorldConfig, WorldEngine, parse_config  # noqa: E402
 
 # 16x16 frames -> 4x4 latents (two autoencoder stages) -> 16 tokens per frame; 2 blocks of width 32, 2 heads.
 TINY: dict[str, Any] = {
