@@ -6,6 +6,7 @@ Output folder:
     rollout.gif             the whole rollout, upscaled for viewing
     actions.json            the actions used (replayable with --actions)
     stats.json              per frame: step time, cache tokens per layer, cache bytes, peak RSS; plus a summary
+    frames.npy              all frames as one uint8 (T, H, W, 3) array (only with write_npy=True)
 """
 
 from __future__ import annotations
@@ -103,19 +104,40 @@ def run_rollout(
     prompt: str = "",
     write_frames: bool = True,
     fps: float = 15.0,
+    write_npy: bool = False,
+    write_gif: bool = True,
+    stop_on_oom: bool = False,
 ) -> dict[str, Any]:
-    """Generate len(actions) frames (a multiple of the chunk size) in one world and write them to `out`."""
+    """Generate len(actions) frames (a multiple of the chunk size) in one world and write them to `out`.
+
+    `write_frames` writes one PNG per frame, `write_npy` all frames as frames.npy, `write_gif` rollout.gif (long
+    benchmark runs skip the PNGs and the GIF). Returns what stats.json holds: "frames", one entry per frame, and
+    "summary", which also holds `cache_stats` (`WorldCache.stats()` after the last frame) and, when the engine
+    carries an attention meter (`attention.measure`), `attention` (the meter's summary: density and recall).
+    With `stop_on_oom`, running out of memory after the first chunk ends the rollout early instead of failing; the
+    summary's `stopped_early` then says at which frame and why (an unbounded cache on a long benchmark run).
+    """
     chunk = engine.chunk_frames
     if not actions or len(actions) % chunk:
         raise ValueError(f"the number of frames ({len(actions)}) must be a positive multiple of chunk_frames={chunk}")
     out = Path(out)
-    (out / "frames").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if write_frames:
+        (out / "frames").mkdir(exist_ok=True)
     world = engine.new_world(prompt=prompt, seed=seed)
     frames: list[np.ndarray] = []
     per_frame: list[dict[str, Any]] = []
+    stopped_early = None
+    cuda = engine.device.type == "cuda"
     for start in range(0, len(actions), chunk):
         began = time.perf_counter()
-        [generated] = engine.step([world], [actions[start : start + chunk]])
+        try:
+            [generated] = engine.step([world], [actions[start : start + chunk]])
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            if not stop_on_oom or not frames:
+                raise
+            stopped_early = {"frame": len(frames), "reason": f"out of memory: {str(error).splitlines()[0]}"}
+            break
         step_ms = (time.perf_counter() - began) * 1e3
         for frame in generated:
             per_frame.append(
@@ -126,14 +148,18 @@ def run_rollout(
                     "cache_tokens": world.cache.tokens_per_layer(),
                     "cache_bytes": world.cache.nbytes,
                     "peak_rss_bytes": peak_rss_bytes(),
+                    **({"device_peak_bytes": torch.cuda.max_memory_allocated(engine.device)} if cuda else {}),
                 }
             )
             frames.append(frame)
             if write_frames:
                 Image.fromarray(frame).save(out / "frames" / f"{len(frames) - 1:06d}.png")
     _contact_sheet(frames).save(out / "contact_sheet.png")
-    _save_gif(frames, out / "rollout.gif", fps)
-    save_actions(out / "actions.json", actions)
+    if write_gif:
+        _save_gif(frames, out / "rollout.gif", fps)
+    if write_npy:
+        np.save(out / "frames.npy", np.stack(frames))  # (T, H, W, 3) uint8
+    save_actions(out / "actions.json", actions[: len(frames)])
     steps = [f["step_ms"] for f in per_frame]
     stats = {
         "summary": {
@@ -151,9 +177,14 @@ def run_rollout(
             "step_ms_median": round(float(np.median(steps)), 3),
             "unknown_keys": world.stats.unknown_keys,
             "peak_rss_bytes": peak_rss_bytes(),
+            "chunk_frames": chunk,
+            "cache_stats": world.cache.stats(),
+            "stopped_early": stopped_early,
         },
         "frames": per_frame,
     }
+    if engine.meter is not None:  # only with attention.measure on
+        stats["summary"]["attention"] = engine.meter.summary()
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 

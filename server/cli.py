@@ -1,6 +1,7 @@
 """The `worldserve` command line.
 
 worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
+worldserve bench rollout --config configs/default.yaml --configs dense,window --frames 300 --out bench/
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from engine import CheckpointError, ConfigError, WorldEngine, load_config
+from engine.bench_rollout import CONFIGURATIONS, DEFAULT_FRAMES, MEASURE_FRAMES, BenchError, run_benchmark
 from engine.config import describe_config
 from engine.rollout import load_actions, random_actions, run_rollout
 
@@ -77,6 +79,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rollout(args: argparse.Namespace) -> int:
+    run_benchmark(
+        args.config,
+        args.out,
+        frames=args.frames,
+        seed=args.seed,
+        prompt=args.prompt,
+        names=args.configs.split(",") if args.configs else None,
+        measure_frames=args.measure_frames,
+        overrides=dict(args.overrides),
+    )
+    print(f"wrote {args.out}/bench.json, bench.md, fps_vs_frames.png, memory_vs_frames.png\n")
+    print((args.out / "bench.md").read_text(), end="")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_config(), end="")
@@ -101,6 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--no-png", action="store_true", help="skip the per-frame PNGs (long runs)")
     rollout.set_defaults(run=cmd_rollout)
 
+    bench = commands.add_parser("bench", help="benchmarks")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    long_rollout = benchmarks.add_parser(
+        "rollout", help="one long rollout under several attention configurations, compared with dense"
+    )
+    long_rollout.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    long_rollout.add_argument(
+        "--frames", type=_positive, default=DEFAULT_FRAMES, help="frames per configuration (default: %(default)s)"
+    )
+    long_rollout.add_argument("--seed", type=int, default=0, help="world seed (noise and random actions)")
+    long_rollout.add_argument("--prompt", default="", help="text prompt, e.g. 'red brick dungeon'")
+    long_rollout.add_argument(
+        "--configs",
+        help=f"comma-separated configurations (default: all; dense always runs): {', '.join(CONFIGURATIONS)}",
+    )
+    long_rollout.add_argument(
+        "--measure-frames",
+        type=_positive,
+        default=MEASURE_FRAMES,
+        help="frames of the separate density/recall run of sparse configurations (default: %(default)s)",
+    )
+    long_rollout.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every configuration, e.g. --set runtime.device=cuda (repeatable)",
+    )
+    long_rollout.add_argument("--out", type=Path, required=True, help="output folder")
+    long_rollout.set_defaults(run=cmd_bench_rollout)
+
     config = commands.add_parser("config", help="print the resolved config and its derived sizes")
     _add_config_arguments(config)
     config.add_argument("--describe", action="store_true", help="print the reference of every key (markdown)")
@@ -110,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, [args.command, getattr(args, "benchmark", None)]))
     try:
         return args.run(args)
     except (ConfigError, CheckpointError, ValueError) as error:
-        print(f"worldserve {args.command}: error: {error}", file=sys.stderr)
+        print(f"worldserve {command}: error: {error}", file=sys.stderr)
         return 2
+    except BenchError as error:
+        print(f"worldserve {command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,3 +64,27 @@ def test_bad_action_files(tmp_path: Path) -> None:
         load_actions(tmp_path / "missing.json")
     save_actions(tmp_path / "ok.json", random_actions(3, seed=0))
     assert len(load_actions(tmp_path / "ok.json")) == 3
+
+
+class _FakeMeter:
+    def summary(self) -> dict:
+        return {"annsa": {"density": 0.25, "recall": 0.9, "per_layer": []}}
+
+
+def test_benchmark_outputs_npy_cache_stats_and_attention(
+    tiny_engine: WorldEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_rollout(tiny_engine, random_actions(4, seed=2), tmp_path / "png", seed=2)
+    monkeypatch.setattr(tiny_engine, "meter", _FakeMeter(), raising=False)
+    out = tmp_path / "npy"
+    stats = run_rollout(
+        tiny_engine, random_actions(4, seed=2), out, seed=2, write_frames=False, write_npy=True, write_gif=False
+    )
+    frames = np.load(out / "frames.npy")
+    assert frames.dtype == np.uint8 and frames.shape == (4, 16, 16, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(frames, _frames(tmp_path / "png")))
+    assert not (out / "frames").exists() and not (out / "rollout.gif").exists()
+    summary = stats["summary"]
+    assert summary["cache_stats"]["slots"] == [4 * 16, 4 * 16] and summary["cache_stats"]["mean_count"] == [1.0, 1.0]
+    assert summary["attention"] == _FakeMeter().summary()
+    assert "attention" not in json.loads((tmp_path / "png" / "stats.json").read_text())["summary"]

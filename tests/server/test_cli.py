@@ -49,6 +49,43 @@ def test_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "holds 1 actions; --frames asks for 4" in capsys.readouterr().err
 
 
+def test_bench_rollout_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, out = write_config(tmp_path / "tiny.yaml"), tmp_path / "bench"
+    args = ["bench", "rollout", "--config", str(config), "--frames", "12", "--configs", "window", "--out", str(out)]
+    assert main([*args, "--set", "sampler.steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] dense: 12 frames" in printed and "[2/2] window: done in" in printed
+    assert "| configuration | step ms @100 |" in printed and "| window |" in printed
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["base"]["sampler"]["steps"] == 1 and report["config"]["seed"] == 0
+    assert list(report["summary"]) == ["dense", "window"]
+    window = report["runs"]["window"]
+    assert len(window["psnr_vs_dense"]) == len(window["ssim_vs_dense"]) == 12
+    assert window["psnr_vs_dense"][0] is None and all(p > 0 for p in window["psnr_vs_dense"][5:])
+    assert report["summary"]["window"]["identical_frames"] == 5
+    assert report["summary"]["dense"]["speedup_vs_dense_last"] == 1.0
+    assert (out / "bench.md").is_file() and (out / "fps_vs_frames.png").is_file()
+    assert (out / "memory_vs_frames.png").is_file()
+
+
+def test_bench_rollout_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(tmp_path / "tiny.yaml")
+    args = ["bench", "rollout", "--config", str(config), "--frames", "4", "--out", str(tmp_path / "o")]
+    assert main([*args, "--configs", "dense,turbo"]) == 2
+    assert capsys.readouterr().err == (
+        "worldserve bench rollout: error: unknown configuration 'turbo'; choose from dense, window, tempcache, "
+        "tempcache+annsa, tempcache+annsa+annca\n"
+    )
+    assert main([*args, "--set", "cache.bogus=1"]) == 2
+    assert "tiny.yaml: unknown key 'cache.bogus'" in capsys.readouterr().err
+    for bad in (["--frames", "0"], ["--set", "steps"]):
+        with pytest.raises(SystemExit) as raised:
+            main([*args, *bad])
+        assert raised.value.code == 2
+    assert "error: argument --set: expected KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_command_prints_sizes(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     assert main(["config", "--policy", "dense"]) == 0
