@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one run, sized to finish in about 8 minutes on one H100:
+#   1. the `gpu`-marked tests (Triton kernel vs reference, ANN backends on CUDA tensors, ...)
+#   2. the FAST-AR rollout benchmark with the default model for 3000 frames (the paper's protocol)
+#   3. the same benchmark with a model shaped like Wan2.1-1.3B (configs/wan_1_3b_shape.yaml, random weights:
+#      speed and memory only) for as many frames as fit; `dense` runs out of memory first, and bench.json /
+#      bench.md then say at which frame it stopped.
+# Usage: scripts/gpu_check.sh [OUT_DIR]   (default: $OUT when set, else gpu_results/)
+# Uses .venv/bin/python when it exists, else python3 (which must have torch with CUDA, triton, pydantic, pyyaml,
+# safetensors, pillow, numpy, matplotlib, scikit-image and pytest).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu_results}}
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+status=0
+
+"$python" - <<'PY' || exit 1
+import importlib, sys
+import torch
+missing = [m for m in ("triton", "pydantic", "yaml", "safetensors", "PIL", "matplotlib", "skimage", "pytest")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check: missing Python packages: {', '.join(missing)}")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: no CUDA device visible to torch")
+print(f"gpu_check: torch {torch.__version__} on {torch.cuda.get_device_name()}")
+PY
+
+echo "== 1/3 gpu tests"
+timeout 120 "$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
+
+echo "== 2/3 rollout benchmark, default model, 3000 frames"
+timeout 240 "$python" -m server.cli bench rollout --config configs/default.yaml --frames 3000 \
+    --out "$out/default" || status=1
+
+echo "== 3/3 rollout benchmark, Wan2.1-1.3B-shaped model (random weights)"
+timeout 200 "$python" -m server.cli bench rollout --config configs/wan_1_3b_shape.yaml --frames 240 \
+    --measure-frames 8 --out "$out/wan_1_3b_shape" || status=1
+
+echo "gpu_check: results in $out (exit $status)"
+exit $status
