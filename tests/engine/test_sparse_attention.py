@@ -47,7 +47,9 @@ def test_annsa_never_drops_a_colliding_pair_and_always_sees_the_prefix() -> None
     k_ids = planner.hasher.buckets(rest - rest.mean(1, keepdim=True))
     collide = (q_ids[:, :, None, :] == k_ids[:, None, :, :]).any(-1)  # (h, N, S - fixed)
     collide = torch.cat((torch.ones(h, n, fixed, dtype=torch.bool), collide), dim=2)
-    collide_sorted = collide.gather(1, q_order[..., None].expand(-1, -1, s)).gather(2, k_order[:, None, :].expand(-1, n, -1))
+    collide_sorted = collide.gather(1, q_order[..., None].expand(-1, -1, s)).gather(
+        2, k_order[:, None, :].expand(-1, n, -1)
+    )
     assert not (collide_sorted & ~computed).any()
     assert computed[:, :, :fixed].all()
     assert computed.float().mean() < 1.0, "with 8 buckets x 2 tables something must be skipped"

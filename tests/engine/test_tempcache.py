@@ -125,7 +125,9 @@ def test_recently_merged_slots_outlive_older_ones() -> None:
 @pytest.mark.parametrize("ann", ["exact", "torch", "faiss"])
 def test_without_merging_tempcache_equals_dense(ann: str) -> None:
     dense = WorldEngine.from_config(tiny_config(cache={"policy": "dense"}))
-    temp = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache", "tau": 1.5, "max_slots": 64 * 16, "ann": ann}))
+    temp = WorldEngine.from_config(
+        tiny_config(cache={"policy": "tempcache", "tau": 1.5, "max_slots": 64 * 16, "ann": ann})
+    )
     a, b = dense.new_world(seed=4, prompt="icy cave"), temp.new_world(seed=4, prompt="icy cave")
     for _ in range(8):
         [[fa]], [[fb]] = dense.step([a], [IDLE]), temp.step([b], [IDLE])
