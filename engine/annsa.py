@@ -1,22 +1,22 @@
 """AnnSA: which key blocks each query block attends to, from LSH buckets (FAST-AR section 5.4).
 
-Queries and keys of one head are hashed with random-hyperplane LSH; a query may see a key when the two share a
-bucket in any of the tables (several tables, so a query near a hyperplane keeps its neighbours). To turn that
-into a *block-sparse* pattern without per-query gathers, tokens are sorted by their bucket in the first table, so
-that keys of one bucket are contiguous and fill whole tiles; a query block then attends to every key block that
-holds a (table, bucket) pair one of its queries holds.
+Queries and keys of one head are hashed with random-hyperplane LSH; a query may see a key when the key's bucket
+is the query's own or one of its probed buckets (multi-probe, engine/lsh.py, so a query near a hyperplane keeps
+its neighbours). To turn that into a *block-sparse* pattern without per-query gathers, tokens are sorted by
+bucket, so that keys of one bucket are contiguous and fill whole tiles; a query block then attends to every key
+block holding a bucket one of its queries probes.
 
 Queries and keys live in different regions of space (DESIGN.md decision 5), so both are centred before hashing,
 each by its own mean (keys over the sortable part). Centring only changes what is hashed, never what attention
-computes. Measured on clustered data whose keys share an offset (tests/engine/test_sparse_attention.py), 2 tables
-of 3 bits: token-level recall 0.73 at density 0.33 raw, 0.90 at 0.23 with centred keys, 0.96 at 0.21 with both
-centred.
+computes (measured in tests/engine/test_sparse_attention.py).
 
 The key sequence the planner receives is [always-visible prefix | sortable rest]: the prefix (sink slots and the
 current chunk's own tokens) is never sorted and its blocks are always selected.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,43 +34,50 @@ def _block_membership(hot: torch.Tensor, block: int) -> torch.Tensor:
     return padded.view(h, blocks, block, pairs).any(dim=2)
 
 
+@dataclass
+class SortedKeys:
+    """The sortable keys of one world and layer, hashed and sorted once per engine step (the cache is read-only
+    until the commit pass): their order (h, R) and the buckets each key block holds, over the whole sequence
+    [prefix of `fixed` keys (no buckets: always selected) | sorted keys], as (h, KB, 2^bits) float."""
+
+    order: torch.Tensor
+    blocks: torch.Tensor
+    fixed: int
+
+
 class AnnSAPlanner:
     def __init__(self, config: AttentionConfig, head_dim: int, centre: bool = True) -> None:
         self.block_q = config.block_q
         self.block_k = config.block_k
-        self.hasher = LshHasher(head_dim, config.lsh_bits, config.lsh_tables, config.lsh_seed)
+        self.probes = config.lsh_probes
+        self.hasher = LshHasher(head_dim, config.lsh_bits, config.lsh_seed)
         self.centre = centre  # off only to measure what centring buys
+
+    def sort_keys(self, rest: torch.Tensor, fixed: int) -> SortedKeys:
+        """rest (h, R, d): rotated keys after a prefix of `fixed` always-visible keys."""
+        if self.centre:
+            rest = rest - rest.mean(dim=1, keepdim=True)
+        ids, order = torch.sort(self.hasher.bucket(rest), dim=1, stable=True)  # (h, R) each
+        hot = F.pad(self.hasher.one_hot(ids[..., None]), (0, 0, fixed, 0))  # (h, S, 2^bits); the prefix has none
+        return SortedKeys(order, _block_membership(hot, self.block_k).float(), fixed)
+
+    def layout(self, q: torch.Tensor, keys: SortedKeys) -> tuple[torch.Tensor, BlockSparseLayout]:
+        """q (h, N, d) rotated -> the query order (h, N) and the layout over sorted queries and sorted keys."""
+        if self.centre:
+            q = q - q.mean(dim=1, keepdim=True)
+        ids = self.hasher.probe(q, self.probes)  # (h, N, 1 + probes): own bucket first
+        order = torch.sort(ids[..., 0], dim=1, stable=True).indices  # (h, N)
+        hot = self.hasher.one_hot(torch.take_along_dim(ids, order[..., None], dim=1))  # (h, N, 2^bits)
+        selected = (_block_membership(hot, self.block_q).float() @ keys.blocks.transpose(1, 2)) > 0  # (h, QB, KB)
+        selected[..., : -(-keys.fixed // self.block_k)] = True  # sinks and the current chunk
+        return order, BlockSparseLayout.from_mask(selected, self.block_q, self.block_k)
 
     def plan(
         self, q: torch.Tensor, k: torch.Tensor, fixed: int
     ) -> tuple[torch.Tensor, torch.Tensor, BlockSparseLayout]:
-        """q (h, N, d), k (h, S, d) rotated; the first `fixed` keys always visible.
-
-        Returns the query order (h, N), the key order (h, S) (the prefix stays first) and the layout over
-        queries and keys taken in those orders.
-        """
-        h, n, _ = q.shape
-        s = k.shape[1]
-        rest = k[:, fixed:]
-        if self.centre:
-            q, rest = q - q.mean(dim=1, keepdim=True), rest - rest.mean(dim=1, keepdim=True)
-        q_ids = self.hasher.buckets(q)  # (h, N, T)
-        k_ids = self.hasher.buckets(rest)  # (h, S - fixed, T)
-        q_order = torch.sort(q_ids[..., 0], dim=1, stable=True).indices  # (h, N)
-        rest_order = torch.sort(k_ids[..., 0], dim=1, stable=True).indices  # (h, S - fixed)
-        prefix = torch.arange(fixed, device=k.device).expand(h, fixed)
-        k_order = torch.cat((prefix, rest_order + fixed), dim=1)  # (h, S)
-
-        offsets = torch.arange(self.hasher.tables, device=q.device) * self.hasher.buckets_per_table
-        pairs = self.hasher.tables * self.hasher.buckets_per_table
-        q_hot = torch.zeros(h, n, pairs, dtype=torch.bool, device=q.device)
-        q_hot.scatter_(-1, torch.take_along_dim(q_ids, q_order[..., None], dim=1) + offsets, True)
-        k_hot = torch.zeros(h, s, pairs, dtype=torch.bool, device=k.device)  # prefix rows stay empty
-        sorted_k_ids = torch.take_along_dim(k_ids, rest_order[..., None], dim=1) + offsets
-        k_hot[:, fixed:].scatter_(-1, sorted_k_ids, True)
-
-        q_blocks = _block_membership(q_hot, self.block_q).float()  # (h, QB, P)
-        k_blocks = _block_membership(k_hot, self.block_k).float()  # (h, KB, P)
-        selected = (q_blocks @ k_blocks.transpose(1, 2)) > 0  # (h, QB, KB)
-        selected[..., : -(-fixed // self.block_k)] = True  # sinks and the current chunk
-        return q_order, k_order, BlockSparseLayout.from_mask(selected, self.block_q, self.block_k)
+        """Both steps at once: q (h, N, d), k (h, S, d) with the first `fixed` keys always visible -> the query
+        order (h, N), the key order (h, S) (prefix first, unmoved) and the layout."""
+        keys = self.sort_keys(k[:, fixed:], fixed)
+        q_order, layout = self.layout(q, keys)
+        prefix = torch.arange(fixed, device=k.device).expand(k.shape[0], fixed)
+        return q_order, torch.cat((prefix, keys.order + fixed), dim=1), layout

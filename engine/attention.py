@@ -11,7 +11,8 @@ computes it. Two contexts:
   Worlds hold different cache lengths, so attention runs **per world over its own slots** (grouped: no padding, no
   wasted work); projections and feed-forward layers around it stay batched over all worlds.
 
-Both rotate queries and keys (3D RoPE) here, at attention time, so caches hold pre-rotary keys. The softmax itself
+Both rotate queries and keys (3D RoPE) here, at attention time, so caches hold pre-rotary keys; within one engine
+step the rotated cache slots are computed once and shared by its passes (`StepSlots`). The softmax itself
 is `torch.nn.functional.scaled_dot_product_attention` with an optional additive per-key bias (log m of merged
 slots, FAST-AR Lemma 5.1).
 """
@@ -19,6 +20,7 @@ slots, FAST-AR Lemma 5.1).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from engine.kv_cache import WorldCache
 from engine.policies import CachePolicy
 from engine.rope import Rope3D
-from engine.sparse_attention import SparseAttention
+from engine.sparse_attention import SortedSlots, SparseAttention
 
 
 class AttentionContext(Protocol):
@@ -42,9 +44,12 @@ class AttentionContext(Protocol):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention of one world: q (N, h, d), rotated k and v (S, h, d), bias (S,) or None -> (N, h, d)."""
-    mask = None if bias is None else bias.to(q.dtype)  # (S,) broadcasts over (h, N, S)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-    return out.transpose(0, 1)  # (N, h, d)
+    mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)  # broadcasts over (1, h, N, S)
+    # 4D inputs: on the CPU only these reach the fused (flash) kernel; 3D ones fall back to the math path
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+    )
+    return out[0].transpose(0, 1)  # (N, h, d)
 
 
 def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,12 +80,41 @@ class SequenceAttention:
         return cross_attend(q, k, v, mask)
 
 
+@dataclass
+class RotatedSlots:
+    """One world's visible cache slots in one layer with their keys rotated: key, value (S, h, d), bias (S,) or
+    None, the first `sinks` being sink slots; and, once AnnSA needs them, the other slots sorted."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    bias: torch.Tensor | None
+    sinks: int
+    sorted: SortedSlots | None = None
+
+
+class StepSlots:
+    """What the passes of one engine step share: per world and layer, the visible slots rotated (and sorted for
+    AnnSA) once. Valid for one step: the cache is read-only while denoising, and in the commit pass a layer writes
+    only after it has attended. A new step needs a new StepSlots."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[int, int], RotatedSlots] = {}
+
+    def get(self, world: int, layer: int) -> RotatedSlots | None:
+        return self._slots.get((world, layer))
+
+    def put(self, world: int, layer: int, slots: RotatedSlots) -> RotatedSlots:
+        self._slots[(world, layer)] = slots
+        return slots
+
+
 class CachedAttention:
     """One pass over B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
 
     With `write=True` (the commit pass) each layer's current keys/values are handed to the policy after the layer
     has attended, so the chunk never sees itself twice. With `write=False` (denoising) the caches are only read.
-    `sparse` (None: dense everywhere) decides per layer and denoising `step` whether AnnSA / AnnCA run.
+    `sparse` (None: dense everywhere) decides per layer and denoising `step` whether AnnSA / AnnCA run. `shared`
+    carries the rotated slots from one pass of the step to the next.
     """
 
     def __init__(
@@ -91,6 +125,7 @@ class CachedAttention:
         pos: torch.Tensor,
         first_frames: Sequence[int],
         write: bool,
+        shared: StepSlots,
         sparse: SparseAttention | None = None,
         step: int = 0,
     ) -> None:
@@ -100,31 +135,42 @@ class CachedAttention:
         self.pos = pos
         self.first_frames = first_frames
         self.write = write
+        self.shared = shared
         self.sparse = sparse
         self.step = step
+
+    def _slots(self, world: int, layer: int) -> RotatedSlots:
+        slots = self.shared.get(world, layer)
+        if slots is None:
+            view = self.policy.view(self.caches[world].layers[layer])
+            key = self.rope.rotate(view.key, view.pos)  # (S, h, d)
+            slots = self.shared.put(world, layer, RotatedSlots(key, view.value, view.bias, view.sinks))
+        return slots
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
         n = k.shape[1]
         outs = []
         for b, cache in enumerate(self.caches):
-            layer_cache = cache.layers[layer]
-            view = self.policy.view(layer_cache)
-            s = view.sinks
-            # keys in the order [sinks | current chunk | other slots]: sparse attention always sees the first two
-            keys = torch.cat((view.key[:s], k[b], view.key[s:]))  # (S + N, h, d)
-            values = torch.cat((view.value[:s], v[b], view.value[s:]))
-            pos = torch.cat((view.pos[:s], self.pos[b], view.pos[s:]))  # (S + N, 3)
-            bias = None
-            if view.bias is not None:  # current tokens: m = 1, log m = 0
-                bias = torch.cat((view.bias[:s], view.bias.new_zeros(n), view.bias[s:]))
-            q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(keys, pos)
+            slots = self._slots(b, layer)
+            q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(k[b], self.pos[b])  # (N, h, d)
+            bias = None  # current tokens have m = 1, log m = 0
             if sparse is None:
-                outs.append(attend(q_rot, k_rot, values, bias))
+                if slots.bias is not None:
+                    bias = F.pad(slots.bias, (0, n))
+                keys, values = torch.cat((slots.key, k_rot)), torch.cat((slots.value, v[b]))  # (S + N, h, d)
+                outs.append(attend(q_rot, keys, values, bias))
             else:
-                outs.append(sparse.self_attention(layer, q_rot, k_rot, values, bias, fixed=s + n))
+                s = slots.sinks
+                if slots.sorted is None:
+                    rest_bias = None if slots.bias is None else slots.bias[s:]
+                    slots.sorted = sparse.sort_slots(slots.key[s:], slots.value[s:], rest_bias, fixed=s + n)
+                if slots.bias is not None:
+                    bias = F.pad(slots.bias[:s], (0, n))
+                prefix_k, prefix_v = torch.cat((slots.key[:s], k_rot)), torch.cat((slots.value[:s], v[b]))
+                outs.append(sparse.self_attention(layer, q_rot, prefix_k, prefix_v, bias, slots.sorted))
             if self.write:
-                self.policy.commit(layer_cache, k[b], v[b], self.pos[b], self.first_frames[b])
+                self.policy.commit(cache.layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
         return torch.stack(outs)  # (B, N, h, d)
 
     def cross_attention(

@@ -150,10 +150,12 @@ class AttentionConfig(_Section):
     kernel: Literal["auto", "torch", "triton"] = Field(
         "auto", description="block-sparse kernel: torch reference, triton, or auto (triton on cuda, else torch)"
     )
-    block_q: int = Field(16, ge=1, description="queries per block of the block-sparse layout (tokens)")
+    block_q: int = Field(4, ge=1, description="queries per block of the block-sparse layout (tokens)")
     block_k: int = Field(16, ge=1, description="keys per block of the block-sparse layout (tokens)")
-    lsh_bits: int = Field(3, ge=1, le=12, description="random hyperplanes per LSH table: 2^bits buckets (bits)")
-    lsh_tables: int = Field(2, ge=1, le=8, description="LSH tables; a query meets a key sharing a bucket in any")
+    lsh_bits: int = Field(4, ge=1, le=12, description="random hyperplanes of the LSH: 2^bits buckets (bits)")
+    lsh_probes: int = Field(
+        1, ge=0, le=12, description="extra buckets per query, one least-confident hyperplane away (buckets)"
+    )
     lsh_seed: int = Field(0, description="seed of the LSH hyperplanes")
     dense_step_fraction: float = Field(
         0.3,
@@ -170,6 +172,8 @@ class AttentionConfig(_Section):
     def _check(self) -> AttentionConfig:
         if any(layer < 0 for layer in self.dense_layers):
             raise ValueError("dense_layers must be non-negative block indices")
+        if self.lsh_probes > self.lsh_bits:
+            raise ValueError(f"lsh_probes={self.lsh_probes} cannot exceed lsh_bits={self.lsh_bits}")
         return self
 
 

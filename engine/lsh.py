@@ -1,7 +1,11 @@
-"""Random-hyperplane LSH (SimHash): vectors at a small angle share a bucket with high probability.
+"""Random-hyperplane LSH (SimHash) with multi-probe.
 
-`tables` independent tables of `bits` hyperplanes each; a vector's bucket in a table is its sign pattern read as
-an integer in [0, 2^bits). The hyperplanes are drawn once from a seed and shared by every head and layer.
+`bits` hyperplanes drawn once from a seed (shared by every head and layer) split space into 2^bits buckets; a
+vector's bucket is its sign pattern read as an integer. A vector lying close to a hyperplane has near neighbours
+on the other side, so `probe` also returns the buckets reached by flipping its least confident bits (those with
+the smallest |projection|): multi-bucket membership for queries, while keys keep one bucket each. One table with
+probes rather than several tables, because AnnSA sorts keys by bucket to make dense tiles and a second table's
+buckets are scattered across every tile (measured: 2 tables made the default model's layouts ~100% dense).
 """
 
 from __future__ import annotations
@@ -10,26 +14,35 @@ import torch
 
 
 class LshHasher:
-    def __init__(self, dim: int, bits: int, tables: int, seed: int) -> None:
+    def __init__(self, dim: int, bits: int, seed: int) -> None:
         self.bits = bits
-        self.tables = tables
         generator = torch.Generator().manual_seed(seed)
-        self._planes = torch.randn(dim, tables * bits, generator=generator)  # (d, T b), moved to the data's device
+        self._planes = torch.randn(dim, bits, generator=generator)  # (d, b), moved to the data's device
         self._weights = 2 ** torch.arange(bits)  # (b,)
 
     @property
-    def buckets_per_table(self) -> int:
+    def buckets(self) -> int:
         return 2**self.bits
 
-    def buckets(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> bucket ids (..., T) int64 in [0, 2^bits)."""
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self._planes.device != x.device:
             self._planes, self._weights = self._planes.to(x.device), self._weights.to(x.device)
-        signs = (x.float() @ self._planes) > 0  # (..., T b)
-        return (signs.unflatten(-1, (self.tables, self.bits)) * self._weights).sum(-1)
+        return x.float() @ self._planes  # (..., b)
 
-    def membership(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> one-hot (..., T * 2^bits) bool: the (table, bucket) pairs each vector falls into."""
-        ids = self.buckets(x) + torch.arange(self.tables, device=x.device) * self.buckets_per_table  # (..., T)
-        hot = torch.zeros(*ids.shape[:-1], self.tables * self.buckets_per_table, dtype=torch.bool, device=x.device)
+    def bucket(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) -> bucket id (...,) int64 in [0, 2^bits)."""
+        return ((self._project(x) > 0) * self._weights).sum(-1)
+
+    def probe(self, x: torch.Tensor, probes: int) -> torch.Tensor:
+        """x (..., d) -> (..., 1 + probes) int64: its bucket, then the buckets one least-confident bit away."""
+        projection = self._project(x)
+        own = ((projection > 0) * self._weights).sum(-1, keepdim=True)  # (..., 1)
+        if probes == 0:
+            return own
+        shaky = projection.abs().topk(probes, dim=-1, largest=False).indices  # (..., probes)
+        return torch.cat((own, own ^ self._weights[shaky]), dim=-1)
+
+    def one_hot(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bucket ids (..., m) -> (..., 2^bits) bool: which buckets occur among the m."""
+        hot = torch.zeros(*ids.shape[:-1], self.buckets, dtype=torch.bool, device=ids.device)
         return hot.scatter_(-1, ids, True)

@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.annca import AnnCASelector
-from engine.annsa import AnnSAPlanner
+from engine.annsa import AnnSAPlanner, SortedKeys
 from engine.config import AttentionConfig
 from engine.kernels.block_sparse import BlockSparseLayout, block_sparse_attention_torch
 from engine.meter import AttentionMeter
+
+
+@dataclass
+class SortedSlots:
+    """One world's cache slots of one layer in AnnSA's order, prepared once per engine step: rotated key and value
+    (h, R, d), bias (h, R) float32, and the sorted keys' bucket membership."""
+
+    keys: SortedKeys
+    key: torch.Tensor
+    value: torch.Tensor
+    bias: torch.Tensor
+
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, BlockSparseLayout], torch.Tensor]
 
@@ -60,28 +73,48 @@ class SparseAttention:
     def cross_sparse(self, layer: int, step: int) -> bool:
         return self.annca is not None and self._sparse_now(layer, step)
 
-    def self_attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fixed: int
-    ) -> torch.Tensor:
-        """One world: rotated q (N, h, d), k and v (S, h, d), bias (S,) or None; keys [0, fixed) always seen."""
+    def sort_slots(self, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, fixed: int) -> SortedSlots:
+        """Hash and sort one world's cache slots of one layer (all but the sinks): rotated key, value (R, h, d),
+        bias (R,) or None; `fixed` always-visible keys (sinks + the current chunk) will precede them."""
         assert self.annsa is not None
+        r, h, d = key.shape
+        keys = self.annsa.sort_keys(key.transpose(0, 1), fixed)
+        rows = (keys.order * h + torch.arange(h, device=key.device)[:, None]).flatten()  # row i h + j: token i, head j
+        bias = bias.float() if bias is not None else key.new_zeros(r, dtype=torch.float32)
+        return SortedSlots(
+            keys,
+            key.reshape(r * h, d).index_select(0, rows).view(h, r, d),
+            value.reshape(r * h, d).index_select(0, rows).view(h, r, d),
+            bias.index_select(0, keys.order.flatten()).view(h, r),
+        )
+
+    def self_attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        prefix_k: torch.Tensor,
+        prefix_v: torch.Tensor,
+        prefix_bias: torch.Tensor | None,
+        slots: SortedSlots,
+    ) -> torch.Tensor:
+        """One world: rotated q (N, h, d) over the always-visible prefix (sinks + current chunk: rotated k and v
+        (F, h, d), bias (F,) or None) and the sorted cache slots -> (N, h, d)."""
+        assert self.annsa is not None and prefix_k.shape[0] == slots.keys.fixed
         n, h, d = q.shape
-        s = k.shape[0]
-        bias = bias.float() if bias is not None else k.new_zeros(s, dtype=torch.float32)
-        q_order, k_order, layout = self.annsa.plan(q.transpose(0, 1), k.transpose(0, 1), fixed)
-        # token i of head j is row i * h + j of the (tokens * h, d) view: one index_select per tensor, no gather
-        heads = torch.arange(h, device=q.device)[:, None]
-        q_rows, k_rows = (q_order * h + heads).flatten(), (k_order * h + heads).flatten()
+        q_order, layout = self.annsa.layout(q.transpose(0, 1), slots.keys)
+        q_rows = (q_order * h + torch.arange(h, device=q.device)[:, None]).flatten()  # row i h + j: token i, head j
         q_sorted = q.reshape(n * h, d).index_select(0, q_rows).view(h, n, d)
-        k_sorted = k.reshape(s * h, d).index_select(0, k_rows).view(h, s, d)
-        v_sorted = v.reshape(s * h, d).index_select(0, k_rows).view(h, s, d)
-        bias_sorted = bias.index_select(0, k_order.flatten()).view(h, s)
-        out_sorted = self.kernel(q_sorted, k_sorted, v_sorted, bias_sorted, layout)
+        k_sorted = torch.cat((prefix_k.transpose(0, 1), slots.key), dim=1)  # (h, S, d)
+        v_sorted = torch.cat((prefix_v.transpose(0, 1), slots.value), dim=1)
+        if prefix_bias is None:
+            prefix_bias = slots.bias.new_zeros(prefix_k.shape[0])
+        b_sorted = torch.cat((prefix_bias.float().expand(h, -1), slots.bias), dim=1)  # (h, S)
+        out_sorted = self.kernel(q_sorted, k_sorted, v_sorted, b_sorted, layout)
         out = torch.empty_like(q).view(n * h, d).index_copy_(0, q_rows, out_sorted.reshape(h * n, d))
         if self.meter is not None:
             logits = q_sorted.float() @ k_sorted.float().transpose(1, 2) / math.sqrt(d)
-            probabilities = torch.softmax(logits + bias_sorted[:, None, :], dim=-1)
-            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, s))
+            probabilities = torch.softmax(logits + b_sorted[:, None, :], dim=-1)
+            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, k_sorted.shape[1]))
         return out.view(n, h, d)
 
     def cross_attention(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.actions import IDLE, Action
-from engine.attention import CachedAttention
+from engine.attention import CachedAttention, StepSlots
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
 from engine.kv_cache import WorldCache
@@ -114,17 +114,16 @@ class WorldEngine:
         # 2. noise from each world's own generator, so a world's frames do not depend on its batch mates
         noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
 
-        # 3. denoise; the caches are only read
+        # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
+        shared = StepSlots()
+
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            caches = [w.cache for w in worlds]
-            attention = CachedAttention(
-                self.model.dit.rope, self.policy, caches, pos, first_frames, write=False, sparse=self.sparse, step=step
-            )
+            attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
             return self.model.dit(x, x.new_full((B, T), t), encoded, prompt, attention)
 
         clean = self.sampler.sample(velocity, noise)
         # 4. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(worlds, clean, encoded, prompt, pos, first_frames)
+        self._commit(worlds, clean, encoded, prompt, pos, first_frames, shared)
         # 5. decode to RGB (the copy to host is the step's one synchronisation)
         decode_started = time.perf_counter()
         frames = self.model.autoencoder.decode(clean.flatten(0, 1)).cpu().numpy()  # (B T, H, W, 3)
@@ -153,6 +152,20 @@ class WorldEngine:
         shape = (self.chunk_frames, *self.sizes.latent_shape)
         return torch.randn(shape, generator=world.generator, device=self.device).to(self.dtype)
 
+    def _attention(
+        self,
+        worlds: Sequence[World],
+        pos: torch.Tensor,
+        first_frames: list[int],
+        shared: StepSlots,
+        write: bool,
+        step: int,
+    ) -> CachedAttention:
+        caches = [w.cache for w in worlds]
+        return CachedAttention(
+            self.model.dit.rope, self.policy, caches, pos, first_frames, write, shared, self.sparse, step
+        )
+
     def _commit(
         self,
         worlds: Sequence[World],
@@ -161,21 +174,13 @@ class WorldEngine:
         prompt: PromptTokens,
         pos: torch.Tensor,
         first_frames: list[int],
+        shared: StepSlots,
     ) -> None:
         level = self.sampler.context_noise
         if level > 0:
             clean = self.sampler.noised(clean, torch.stack([self._noise(w) for w in worlds]), level)
-        caches = [w.cache for w in worlds]
-        attention = CachedAttention(  # the commit pass counts as the step after the last denoising step
-            self.model.dit.rope,
-            self.policy,
-            caches,
-            pos,
-            first_frames,
-            write=True,
-            sparse=self.sparse,
-            step=self.sampler.steps,
-        )
+        # the commit pass counts as the step after the last denoising step
+        attention = self._attention(worlds, pos, first_frames, shared, write=True, step=self.sampler.steps)
         self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention)
 
     def _write_init_frames(self, world: World, frames: np.ndarray) -> None:
@@ -191,5 +196,5 @@ class WorldEngine:
             pos = self.model.dit.positions(torch.tensor([world.frame_index], device=self.device), T)
             actions = self._encode_actions([world], [IDLE])
             chunk = latents[start : start + T][None]  # (1, T, C, h, w)
-            self._commit([world], chunk, actions, world.prompt_tokens, pos, [world.frame_index])
+            self._commit([world], chunk, actions, world.prompt_tokens, pos, [world.frame_index], StepSlots())
             world.frame_index += T

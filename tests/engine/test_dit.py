@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import WorldModel
-from engine.attention import CachedAttention
+from engine.attention import CachedAttention, StepSlots
 from engine.kv_cache import WorldCache
 from engine.policies import make_policy
 from tests.conftest import tiny_config
@@ -31,7 +31,7 @@ def _inputs(model: WorldModel, frames: int, seed: int = 0):
 def _cached_pass(model, cache, policy, x, t, actions, prompt, first_frame, write):
     dit = model.dit
     pos = dit.positions(torch.tensor([first_frame]), x.shape[1])
-    attention = CachedAttention(dit.rope, policy, [cache], pos, [first_frame], write=write)
+    attention = CachedAttention(dit.rope, policy, [cache], pos, [first_frame], write, StepSlots())
     return dit(x, t, actions, prompt, attention)
 
 
