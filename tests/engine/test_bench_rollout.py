@@ -94,3 +94,51 @@ def test_bad_input_is_rejected_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frames=3 must be a multiple of model.chunk_frames=2"):
         run_benchmark(chunked, out, frames=3)
     assert not out.exists()
+
+
+def test_a_reference_that_stopped_early_is_compared_over_the_frames_both_have(tmp_path: Path) -> None:
+    from engine.bench_rollout import _compare, markdown
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(30, 8, 8, 3), dtype=np.uint8)
+
+    def run(name: str, count: int, step_ms: float, stopped: dict | None) -> dict:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        np.save(tmp_path / "runs" / name / "frames.npy", frames[:count])
+        per_frame = [
+            {
+                "step_ms": step_ms * (1 + i / 10),
+                "cache_tokens": [16],
+                "cache_bytes": 100 * (i + 1),
+                "peak_rss_bytes": 1000,
+            }
+            for i in range(count)
+        ]
+        summary = {"chunk_frames": 1, "wall_s": 1.0, "cache_stats": {}, "stopped_early": stopped}
+        return {"frames": per_frame, "summary": summary}
+
+    stopped = {"frame": 20, "reason": "out of memory: CUDA out of memory"}
+    stats = {"dense": run("dense", 20, 10.0, stopped), "window": run("window", 30, 2.0, None)}
+    result = _compare(tmp_path, ["dense", "window"], stats, {})
+    window = result["summary"]["window"]
+    assert window["frames"] == 30 and window["compared_frames"] == 20
+    assert len(result["runs"]["window"]["psnr_vs_dense"]) == 20
+    assert window["identical_frames"] == 20
+    assert window["speedup_vs_dense_last"] == pytest.approx(5.0) and window["speedup_vs_dense_total"] == pytest.approx(
+        5.0
+    )
+    assert result["summary"]["dense"]["stopped_early"] == stopped
+    report = {
+        "machine": {
+            "cpu": "cpu",
+            "logical_cores": 2,
+            "torch_threads": 2,
+            "gpu": None,
+            "torch": "x",
+            "dtype": "f",
+            "date": "today",
+        },
+        "config": {"frames": 30, "seed": 0, "prompt": "", "file": "c.yaml", "measure_frames": 4},
+        **result,
+    }
+    assert "dense stopped early at frame 20 (out of memory" in markdown(report)

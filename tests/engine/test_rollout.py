@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import WorldEngine
@@ -88,3 +89,28 @@ def test_benchmark_outputs_npy_cache_stats_and_attention(
     assert summary["cache_stats"]["slots"] == [4 * 16, 4 * 16] and summary["cache_stats"]["mean_count"] == [1.0, 1.0]
     assert summary["attention"] == _FakeMeter().summary()
     assert "attention" not in json.loads((tmp_path / "png" / "stats.json").read_text())["summary"]
+
+
+def test_running_out_of_memory_can_end_a_rollout_early(
+    tiny_engine: WorldEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = tiny_engine.step
+    calls = []
+
+    def failing_step(worlds, actions):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(worlds, actions)
+
+    monkeypatch.setattr(tiny_engine, "step", failing_step)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_rollout(tiny_engine, random_actions(6, seed=0), tmp_path / "strict", write_frames=False)
+    calls.clear()
+    stats = run_rollout(tiny_engine, random_actions(6, seed=0), tmp_path / "lenient", write_npy=True, stop_on_oom=True)
+    assert len(stats["frames"]) == 3 and np.load(tmp_path / "lenient" / "frames.npy").shape[0] == 3
+    assert stats["summary"]["stopped_early"] == {
+        "frame": 3,
+        "reason": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB",
+    }
+    assert len(load_actions(tmp_path / "lenient" / "actions.json")) == 3
