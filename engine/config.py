@@ -123,7 +123,7 @@ class SamplerConfig(_Section):
 
 class CacheConfig(_Section):
     policy: Literal["dense", "window", "tempcache"] = Field(
-        "window",
+        "tempcache",
         description="which slots exist: dense keeps every frame, window keeps sinks + recent frames, tempcache "
         "merges near-duplicate tokens into counted slots under a hard bound",
     )

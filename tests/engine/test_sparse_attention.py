@@ -148,3 +148,14 @@ def test_engine_with_every_block_selected_equals_the_dense_engine() -> None:
     for _ in range(6):
         [[fa]], [[fb]] = dense.step([a], [IDLE]), sparse.step([b], [IDLE])
         assert np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
+
+
+def test_the_triton_kernel_serves_the_engine_like_the_reference() -> None:
+    """On the CPU the Triton kernel runs in the interpreter; picking it must not change the frames."""
+    frames = {}
+    for kernel in ("torch", "triton"):
+        engine = WorldEngine.from_config(tiny_config(attention={"annsa": True, "kernel": kernel, "block_k": 8}))
+        world = engine.new_world(seed=7)
+        frames[kernel] = [engine.step([world], [IDLE])[0][0] for _ in range(4)]
+    for a, b in zip(frames["torch"], frames["triton"]):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
