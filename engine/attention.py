@@ -154,21 +154,14 @@ class CachedAttention:
         for b, cache in enumerate(self.caches):
             slots = self._slots(b, layer)
             q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(k[b], self.pos[b])  # (N, h, d)
-            bias = None  # current tokens have m = 1, log m = 0
             if sparse is None:
-                if slots.bias is not None:
-                    bias = F.pad(slots.bias, (0, n))
+                bias = None if slots.bias is None else F.pad(slots.bias, (0, n))  # current tokens: m = 1, log m = 0
                 keys, values = torch.cat((slots.key, k_rot)), torch.cat((slots.value, v[b]))  # (S + N, h, d)
                 outs.append(attend(q_rot, keys, values, bias))
             else:
-                s = slots.sinks
                 if slots.sorted is None:
-                    rest_bias = None if slots.bias is None else slots.bias[s:]
-                    slots.sorted = sparse.sort_slots(slots.key[s:], slots.value[s:], rest_bias, fixed=s + n)
-                if slots.bias is not None:
-                    bias = F.pad(slots.bias[:s], (0, n))
-                prefix_k, prefix_v = torch.cat((slots.key[:s], k_rot)), torch.cat((slots.value[:s], v[b]))
-                outs.append(sparse.self_attention(layer, q_rot, prefix_k, prefix_v, bias, slots.sorted))
+                    slots.sorted = sparse.sort_slots(slots.key, slots.value, slots.bias, slots.sinks, current=n)
+                outs.append(sparse.self_attention(layer, q_rot, k_rot, v[b], slots.sorted))
             if self.write:
                 self.policy.commit(cache.layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
         return torch.stack(outs)  # (B, N, h, d)

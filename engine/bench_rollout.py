@@ -43,6 +43,8 @@ from engine.world_engine import WorldEngine
 DEFAULT_FRAMES = 2000  # the default rollout length: long enough for dense to slow down visibly on a 2-core CPU
 MEASURE_FRAMES = 100  # frames of the separate density/recall run of a sparse configuration
 PSNR_CAP_DB = 100.0  # identical frames have infinite PSNR; means count them as this
+# A prompt of several words, so that AnnCA has tokens to choose among (an empty prompt is one token, always kept).
+DEFAULT_PROMPT = "red brick dungeon with wooden doors iron bars and flickering torches"
 REFERENCE = "dense"  # every configuration is compared with this one, which therefore always runs
 
 # name -> config overrides. Every configuration sets all the keys it is about, so that a base config (or --set)
@@ -83,7 +85,7 @@ def run_benchmark(
     out: str | Path,
     frames: int = DEFAULT_FRAMES,
     seed: int = 0,
-    prompt: str = "",
+    prompt: str = DEFAULT_PROMPT,
     names: Sequence[str] | None = None,
     measure_frames: int = MEASURE_FRAMES,
     overrides: dict[str, Any] | None = None,

@@ -28,13 +28,15 @@ from engine.meter import AttentionMeter
 
 @dataclass
 class SortedSlots:
-    """One world's cache slots of one layer in AnnSA's order, prepared once per engine step: rotated key and value
-    (h, R, d), bias (h, R) float32, and the sorted keys' bucket membership."""
+    """One world's keys of one layer in AnnSA's order, laid out once per engine step: rotated key and value
+    (h, S, d) and bias (h, S) float32 in the order [sinks | current chunk | cache slots sorted by bucket], and the
+    sorted keys' bucket membership. The current chunk's rows are rewritten by every pass."""
 
     keys: SortedKeys
     key: torch.Tensor
     value: torch.Tensor
     bias: torch.Tensor
+    sinks: int
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, BlockSparseLayout], torch.Tensor]
@@ -73,48 +75,54 @@ class SparseAttention:
     def cross_sparse(self, layer: int, step: int) -> bool:
         return self.annca is not None and self._sparse_now(layer, step)
 
-    def sort_slots(self, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, fixed: int) -> SortedSlots:
-        """Hash and sort one world's cache slots of one layer (all but the sinks): rotated key, value (R, h, d),
-        bias (R,) or None; `fixed` always-visible keys (sinks + the current chunk) will precede them."""
+    def sort_slots(
+        self, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, sinks: int, current: int
+    ) -> SortedSlots:
+        """Lay out one world's cache slots of one layer for AnnSA, once per engine step: rotated key, value (S, h, d)
+        and bias (S,) or None of the slots, the first `sinks` being sinks; `current` rows are left for the chunk
+        being generated, which every pass writes in (`self_attention`)."""
         assert self.annsa is not None
-        r, h, d = key.shape
-        keys = self.annsa.sort_keys(key.transpose(0, 1), fixed)
-        rows = (keys.order * h + torch.arange(h, device=key.device)[:, None]).flatten()  # row i h + j: token i, head j
-        bias = bias.float() if bias is not None else key.new_zeros(r, dtype=torch.float32)
-        return SortedSlots(
+        s, h, d = key.shape
+        rest = s - sinks
+        fixed = sinks + current
+        keys = self.annsa.sort_keys(key[sinks:].transpose(0, 1), fixed)
+        heads = torch.arange(h, device=key.device)[:, None]
+        # token i of head j is row i * h + j of the (tokens * h, d) view: one index_select per tensor, no gather
+        rows = torch.cat((heads.new_tensor(range(sinks)).expand(h, -1), keys.order + sinks), dim=1) * h + heads
+        bias = bias.float() if bias is not None else key.new_zeros(s, dtype=torch.float32)
+        sorted_slots = SortedSlots(
             keys,
-            key.reshape(r * h, d).index_select(0, rows).view(h, r, d),
-            value.reshape(r * h, d).index_select(0, rows).view(h, r, d),
-            bias.index_select(0, keys.order.flatten()).view(h, r),
+            key.new_zeros(h, fixed + rest, d),
+            value.new_zeros(h, fixed + rest, d),
+            bias.new_zeros(h, fixed + rest),
+            sinks,
         )
+        for buffer, source in ((sorted_slots.key, key), (sorted_slots.value, value)):
+            picked = source.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
+            buffer[:, :sinks], buffer[:, fixed:] = picked[:, :sinks], picked[:, sinks:]
+        picked = bias.index_select(0, (rows // h).flatten()).view(h, s)
+        sorted_slots.bias[:, :sinks], sorted_slots.bias[:, fixed:] = picked[:, :sinks], picked[:, sinks:]
+        return sorted_slots
 
     def self_attention(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        prefix_k: torch.Tensor,
-        prefix_v: torch.Tensor,
-        prefix_bias: torch.Tensor | None,
-        slots: SortedSlots,
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: SortedSlots
     ) -> torch.Tensor:
-        """One world: rotated q (N, h, d) over the always-visible prefix (sinks + current chunk: rotated k and v
-        (F, h, d), bias (F,) or None) and the sorted cache slots -> (N, h, d)."""
-        assert self.annsa is not None and prefix_k.shape[0] == slots.keys.fixed
+        """One world: rotated q, k and v (N, h, d) of the current chunk over itself and the sorted cache slots
+        -> (N, h, d). The chunk's keys and values are written into the slots' reserved rows (bias 0: m = 1)."""
+        assert self.annsa is not None and k.shape[0] == slots.keys.fixed - slots.sinks
         n, h, d = q.shape
+        current = slice(slots.sinks, slots.keys.fixed)
+        slots.key[:, current] = k.transpose(0, 1)
+        slots.value[:, current] = v.transpose(0, 1)
         q_order, layout = self.annsa.layout(q.transpose(0, 1), slots.keys)
         q_rows = (q_order * h + torch.arange(h, device=q.device)[:, None]).flatten()  # row i h + j: token i, head j
         q_sorted = q.reshape(n * h, d).index_select(0, q_rows).view(h, n, d)
-        k_sorted = torch.cat((prefix_k.transpose(0, 1), slots.key), dim=1)  # (h, S, d)
-        v_sorted = torch.cat((prefix_v.transpose(0, 1), slots.value), dim=1)
-        if prefix_bias is None:
-            prefix_bias = slots.bias.new_zeros(prefix_k.shape[0])
-        b_sorted = torch.cat((prefix_bias.float().expand(h, -1), slots.bias), dim=1)  # (h, S)
-        out_sorted = self.kernel(q_sorted, k_sorted, v_sorted, b_sorted, layout)
+        out_sorted = self.kernel(q_sorted, slots.key, slots.value, slots.bias, layout)
         out = torch.empty_like(q).view(n * h, d).index_copy_(0, q_rows, out_sorted.reshape(h * n, d))
         if self.meter is not None:
-            logits = q_sorted.float() @ k_sorted.float().transpose(1, 2) / math.sqrt(d)
-            probabilities = torch.softmax(logits + b_sorted[:, None, :], dim=-1)
-            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, k_sorted.shape[1]))
+            logits = q_sorted.float() @ slots.key.float().transpose(1, 2) / math.sqrt(d)
+            probabilities = torch.softmax(logits + slots.bias[:, None, :], dim=-1)
+            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, slots.key.shape[1]))
         return out.view(n, h, d)
 
     def cross_attention(

@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 from engine import CheckpointError, ConfigError, WorldEngine, load_config
-from engine.bench_rollout import CONFIGURATIONS, DEFAULT_FRAMES, MEASURE_FRAMES, BenchError, run_benchmark
+from engine.bench_rollout import (
+    CONFIGURATIONS,
+    DEFAULT_FRAMES,
+    DEFAULT_PROMPT,
+    MEASURE_FRAMES,
+    BenchError,
+    run_benchmark,
+)
 from engine.config import describe_config
 from engine.rollout import load_actions, random_actions, run_rollout
 
@@ -129,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=_positive, default=DEFAULT_FRAMES, help="frames per configuration (default: %(default)s)"
     )
     long_rollout.add_argument("--seed", type=int, default=0, help="world seed (noise and random actions)")
-    long_rollout.add_argument("--prompt", default="", help="text prompt, e.g. 'red brick dungeon'")
+    long_rollout.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="text prompt (default: %(default)r; AnnCA needs several words)"
+    )
     long_rollout.add_argument(
         "--configs",
         help=f"comma-separated configurations (default: all; dense always runs): {', '.join(CONFIGURATIONS)}",

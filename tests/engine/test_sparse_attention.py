@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from engine import IDLE, WorldEngine
@@ -32,16 +33,17 @@ def _sparse_self(
     fixed: int,
     layer: int = 0,
 ) -> torch.Tensor:
-    """AnnSA over keys whose first `fixed` are always visible, the rest sorted once as the engine does per step."""
-    slots = sparse.sort_slots(k[fixed:], v[fixed:], None if bias is None else bias[fixed:], fixed)
-    prefix_bias = None if bias is None else bias[:fixed]
-    return sparse.self_attention(layer, q, k[:fixed], v[:fixed], prefix_bias, slots)
+    """AnnSA where the first `fixed` keys play the current chunk (always visible) and the rest the cache slots,
+    laid out once as the engine does per step. The bias of the current chunk must be zero (m = 1)."""
+    assert bias is None or not bias[:fixed].any()
+    slots = sparse.sort_slots(k[fixed:], v[fixed:], None if bias is None else bias[fixed:], sinks=0, current=fixed)
+    return sparse.self_attention(layer, q, k[:fixed], v[:fixed], slots)
 
 
 def test_annsa_with_every_block_selected_equals_dense_attention() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(20, 3, 16), torch.randn(90, 3, 16), torch.randn(90, 3, 16)
-    bias = torch.rand(90).log()
+    bias = torch.cat((torch.zeros(25), torch.randint(1, 5, (65,)).float().log()))  # the first 25: current chunk
     # one query block and one key block: the always-visible prefix selects it, so nothing is dropped
     sparse = _sparse(annsa=True, block_q=32, block_k=128)
     torch.testing.assert_close(_sparse_self(sparse, q, k, v, bias, 25), attend(q, k, v, bias), atol=1e-5, rtol=0)
@@ -139,15 +141,19 @@ def test_centring_keys_lets_queries_meet_their_keys() -> None:
     assert raw[0] < centred[0] - 0.3, f"centring should buy recall: raw {raw}, centred {centred}"
 
 
-def test_engine_with_every_block_selected_equals_the_dense_engine() -> None:
-    dense = WorldEngine.from_config(tiny_config())
+@pytest.mark.parametrize("policy", ["dense", "window", "tempcache"])
+def test_engine_with_every_block_selected_equals_the_dense_engine(policy: str) -> None:
+    cache = {"policy": policy, "tau": 0.3}  # a low tau, so that tempcache merges and attention carries log m
+    dense = WorldEngine.from_config(tiny_config(cache=cache))
     sparse = WorldEngine.from_config(
-        tiny_config(attention={"annsa": True, "annca": False, "block_q": 64, "block_k": 4096})
+        tiny_config(cache=cache, attention={"annsa": True, "annca": False, "block_q": 64, "block_k": 4096})
     )
     a, b = dense.new_world(seed=6), sparse.new_world(seed=6)
     for _ in range(6):
         [[fa]], [[fb]] = dense.step([a], [IDLE]), sparse.step([b], [IDLE])
         assert np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
+    if policy == "tempcache":
+        assert sum(b.cache.stats()["merges"]) > 0
 
 
 def test_the_triton_kernel_serves_the_engine_like_the_reference() -> None:
