@@ -82,13 +82,15 @@ class SequenceAttention:
 
 @dataclass
 class RotatedSlots:
-    """One world's visible cache slots in one layer with their keys rotated: key, value (S, h, d), bias (S,) or
-    None, the first `sinks` being sink slots; and, once AnnSA needs them, the other slots sorted."""
+    """One world's keys and values of one layer for one step: key, value (S + N, h, d) hold the S visible cache
+    slots (keys rotated; the first `sinks` are sink slots) and then N rows for the current chunk, which every pass
+    writes in place; bias (S + N,) or None. Once AnnSA needs them, `sorted` holds the same slots in its order."""
 
     key: torch.Tensor
     value: torch.Tensor
     bias: torch.Tensor | None
     sinks: int
+    slots: int  # S
     sorted: SortedSlots | None = None
 
 
@@ -139,12 +141,17 @@ class CachedAttention:
         self.sparse = sparse
         self.step = step
 
-    def _slots(self, world: int, layer: int) -> RotatedSlots:
+    def _slots(self, world: int, layer: int, n: int) -> RotatedSlots:
         slots = self.shared.get(world, layer)
         if slots is None:
+            # one buffer per step, not one concatenation per pass: fewer and steadier allocations (with a growing
+            # dense cache, per-pass copies of ever larger size fragmented the CPU heap into gigabytes of RSS)
             view = self.policy.view(self.caches[world].layers[layer])
-            key = self.rope.rotate(view.key, view.pos)  # (S, h, d)
-            slots = self.shared.put(world, layer, RotatedSlots(key, view.value, view.bias, view.sinks))
+            rotated = self.rope.rotate(view.key, view.pos)  # (S, h, d)
+            key = torch.cat((rotated, rotated.new_empty(n, *rotated.shape[1:])))  # (S + N, h, d)
+            value = torch.cat((view.value, view.value.new_empty(n, *view.value.shape[1:])))
+            bias = None if view.bias is None else F.pad(view.bias, (0, n))  # current tokens: m = 1, log m = 0
+            slots = self.shared.put(world, layer, RotatedSlots(key, value, bias, view.sinks, view.key.shape[0]))
         return slots
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -152,15 +159,16 @@ class CachedAttention:
         n = k.shape[1]
         outs = []
         for b, cache in enumerate(self.caches):
-            slots = self._slots(b, layer)
+            slots = self._slots(b, layer, n)
             q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(k[b], self.pos[b])  # (N, h, d)
             if sparse is None:
-                bias = None if slots.bias is None else F.pad(slots.bias, (0, n))  # current tokens: m = 1, log m = 0
-                keys, values = torch.cat((slots.key, k_rot)), torch.cat((slots.value, v[b]))  # (S + N, h, d)
-                outs.append(attend(q_rot, keys, values, bias))
+                slots.key[slots.slots :], slots.value[slots.slots :] = k_rot, v[b]
+                outs.append(attend(q_rot, slots.key, slots.value, slots.bias))
             else:
                 if slots.sorted is None:
-                    slots.sorted = sparse.sort_slots(slots.key, slots.value, slots.bias, slots.sinks, current=n)
+                    s = slots.slots
+                    bias = None if slots.bias is None else slots.bias[:s]
+                    slots.sorted = sparse.sort_slots(slots.key[:s], slots.value[:s], bias, slots.sinks, current=n)
                 outs.append(sparse.self_attention(layer, q_rot, k_rot, v[b], slots.sorted))
             if self.write:
                 self.policy.commit(cache.layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])

@@ -66,9 +66,12 @@ def block_sparse_attention_torch(
 ) -> torch.Tensor:
     """Reference backend: gathers each query block's key tiles and runs softmax attention over them.
 
-    Work and memory scale with the selected blocks, not with S. Reads kv_counts.max() on the host to size the
-    gather (free on the CPU; one synchronisation on a GPU, where the Triton kernel is the fast path).
+    Work and memory scale with the largest number of blocks any query block selects, not with S. Reads
+    kv_counts.max() on the host to size the gather (free on the CPU; one synchronisation on a GPU, where the Triton
+    kernel is the fast path). Computes in float32 (SDPA would round the log m bias to a bf16 mask otherwise).
     """
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
     h, n, d = q.shape
     s = k.shape[1]
     bq, bk = layout.block_q, layout.block_k
@@ -85,5 +88,5 @@ def block_sparse_attention_torch(
     b_tiles = bias.float().reshape(h * s).index_select(0, rows).view(h, qb, most * bk)
     b_tiles = b_tiles.masked_fill(~usable.reshape(h, qb, most * bk), float("-inf"))
     q_blocks = F.pad(q, (0, 0, 0, qb * bq - n)).reshape(h, qb, bq, d)
-    out = F.scaled_dot_product_attention(q_blocks, k_tiles, v_tiles, attn_mask=b_tiles[:, :, None, :].to(q.dtype))
-    return out.reshape(h, qb * bq, d)[:, :n]
+    out = F.scaled_dot_product_attention(q_blocks, k_tiles, v_tiles, attn_mask=b_tiles[:, :, None, :])
+    return out.reshape(h, qb * bq, d)[:, :n].to(dtype)

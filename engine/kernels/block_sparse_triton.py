@@ -80,13 +80,15 @@ def _block_sparse_attention_kernel(
             v_ptr + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0
         )
         bias = tl.load(bias_ptr + head * stride_bh + offs_n, mask=col_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]  # (BLOCK_M, BLOCK_N) fp32
+        # ieee: fp32 inputs would otherwise run in TF32 (10-bit mantissa, ~1e-3 relative error); Triton ignores
+        # the option for fp16 / bf16 inputs
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale + bias[None, :]  # (BLOCK_M, BLOCK_N) fp32
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # every listed block holds a real key: m_new is finite
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # (BLOCK_M, HEAD_DIM)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -103,9 +105,13 @@ def block_sparse_attention_triton(
 ) -> torch.Tensor:
     """Block-sparse attention on a GPU (or the Triton interpreter); see the module docstring for the contract.
 
-    Checks: q (h, N, d), k and v (h, S, d), all fp16, bf16 or fp32 alike, on one device; bias (h, S) float32;
-    kv_blocks (h, ceil(N / block_q), KB) and kv_counts (h, ceil(N / block_q)) int32. A head dim that is not a
-    power of two >= 16 is zero-padded (logits unchanged; the scale keeps the true d) and the output sliced back.
+    Checks, each failing with a ValueError: q (h, N, d), k and v (h, S, d), all fp16, bf16 or fp32 alike, on one
+    device; bias (h, S) float32; kv_blocks (h, ceil(N / block_q), KB) and kv_counts (h, ceil(N / block_q)) int32;
+    block sizes >= 1; no bf16 on the CPU (the Triton interpreter multiplies bf16 bit patterns in `tl.dot`,
+    triton-lang/triton#11584). Not checked, because it would need a host sync: kv_counts >= 1 and listed blocks
+    < ceil(S / block_k) (a row that sees no key comes out NaN, as in the reference). Non-contiguous inputs are
+    copied. A head dim that is not a power of two >= 16 is zero-padded (logits unchanged; the scale keeps the true
+    d) and the output, then a view, sliced back.
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(f"q, k, v must be (h, N|S, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -117,6 +123,8 @@ def block_sparse_attention_triton(
         raise ValueError(f"q, k, v must share one of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if bias.shape != (h, s) or bias.dtype != torch.float32:
         raise ValueError(f"bias must be float32 (h={h}, S={s}), got {bias.dtype} {tuple(bias.shape)}")
+    if layout.block_q < 1 or layout.block_k < 1:
+        raise ValueError(f"block sizes must be >= 1, got block_q={layout.block_q}, block_k={layout.block_k}")
     blocks = -(-n // layout.block_q)
     if layout.kv_blocks.ndim != 3 or layout.kv_blocks.shape[:2] != (h, blocks) or layout.kv_counts.shape != (h, blocks):
         raise ValueError(
@@ -128,6 +136,8 @@ def block_sparse_attention_triton(
     tensors = (k, v, bias, layout.kv_blocks, layout.kv_counts)
     if any(t.device != q.device for t in tensors):
         raise ValueError("q, k, v, bias and the layout must be on one device")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise ValueError("bf16 needs a GPU: the Triton interpreter computes bf16 tl.dot wrongly; use fp16 or fp32")
 
     width = _tile(d)
     if width != d:  # zero features add nothing to q . k; the padded output columns are dropped
@@ -142,8 +152,9 @@ def block_sparse_attention_triton(
         kv_blocks.stride(0), kv_blocks.stride(1), kv_counts.stride(0), out.stride(0), out.stride(1),
         BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, BLOCK_M=_tile(layout.block_q), BLOCK_N=_tile(layout.block_k),
         HEAD_DIM=width,
-        # 4 warps and 2 stages: the usual choice of Triton's fused-attention tutorial for 64-128 wide heads on
-        # Hopper; no autotuning, which the interpreter cannot run.
+        # Fixed, because the interpreter cannot autotune. 4 warps: one warpgroup, the unit of Hopper's wgmma, for
+        # the 64-row tile of a 64-token block. 2 stages: K/V tiles double-buffered (2 x 32 KiB at bf16, BLOCK_N 64,
+        # d 128), so the next listed tile loads while this one is in the dots, with shared memory to spare.
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out[..., :d] if width != d else out
