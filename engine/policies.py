@@ -31,7 +31,14 @@ class CachePolicy:
 
     @property
     def capacity(self) -> int:
-        raise NotImplementedError
+        """Bounded policies allocate their whole capacity once."""
+        assert self.sizes.capacity_slots is not None, f"{self.name} has no capacity in the config's sizes"
+        return self.sizes.capacity_slots
+
+    def frames(self, tokens: int, first_frame: int) -> list[tuple[int, slice]]:
+        """A chunk's tokens frame by frame: (frame index, rows of that frame's tokens)."""
+        n = self.sizes.tokens_per_frame
+        return [(first_frame + i, slice(i * n, (i + 1) * n)) for i in range(tokens // n)]
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
@@ -64,20 +71,13 @@ class WindowPolicy(CachePolicy):
     name = "window"
     bounded = True
 
-    @property
-    def capacity(self) -> int:
-        assert self.sizes.capacity_slots is not None
-        return self.sizes.capacity_slots
-
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
         n = self.sizes.tokens_per_frame
         sinks, window = self.config.sink_frames, self.config.window_frames
-        for i in range(key.shape[0] // n):
-            frame = first_frame + i
+        for frame, rows in self.frames(key.shape[0], first_frame):
             block = frame if frame < sinks else sinks + (frame - sinks) % window
-            rows = slice(i * n, (i + 1) * n)
             cache.write(block * n, key[rows], value[rows], pos[rows])
 
 

@@ -38,18 +38,11 @@ class TempCachePolicy(CachePolicy):
         self.tau = config.tau
         self.sink_slots = config.sink_frames * sizes.tokens_per_frame
 
-    @property
-    def capacity(self) -> int:
-        assert self.sizes.capacity_slots is not None
-        return self.sizes.capacity_slots
-
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
-        n = self.sizes.tokens_per_frame
-        for i in range(key.shape[0] // n):
-            rows = slice(i * n, (i + 1) * n)
-            self._commit_frame(cache, key[rows], value[rows], pos[rows], first_frame + i)
+        for frame, rows in self.frames(key.shape[0], first_frame):
+            self._commit_frame(cache, key[rows], value[rows], pos[rows], frame)
 
     def _commit_frame(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, frame: int

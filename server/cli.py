@@ -45,16 +45,14 @@ def _positive(text: str) -> int:
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--policy", help="KV cache policy, overriding cache.policy (dense, window)")
+    parser.add_argument("--policy", help="KV cache policy, overriding cache.policy (dense, window, tempcache)")
     parser.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
+    _add_set_argument(parser, "override any config key, e.g. --set cache.window_frames=16 (repeatable)")
+
+
+def _add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        type=_override,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set cache.window_frames=16 (repeatable)",
+        "--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -149,14 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=MEASURE_FRAMES,
         help="frames of the separate density/recall run of sparse configurations (default: %(default)s)",
     )
-    long_rollout.add_argument(
-        "--set",
-        dest="overrides",
-        type=_override,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key for every configuration, e.g. --set runtime.device=cuda (repeatable)",
+    _add_set_argument(
+        long_rollout, "override a config key for every configuration, e.g. --set runtime.device=cuda (repeatable)"
     )
     long_rollout.add_argument("--out", type=Path, required=True, help="output folder")
     long_rollout.set_defaults(run=cmd_bench_rollout)
