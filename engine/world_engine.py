@@ -124,7 +124,8 @@ class WorldEngine:
         clean = self.sampler.sample(velocity, noise)
         # 4. one more pass at context noise writes the chunk's keys and values into the caches
         self._commit(worlds, clean, encoded, prompt, pos, first_frames, shared)
-        # 5. decode to RGB (the copy to host is the step's one synchronisation)
+        # 5. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
+        # their own, each commented where it happens)
         decode_started = time.perf_counter()
         frames = self.model.autoencoder.decode(clean.flatten(0, 1)).cpu().numpy()  # (B T, H, W, 3)
         finished = time.perf_counter()

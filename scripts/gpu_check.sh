@@ -30,14 +30,14 @@ print(f"gpu_check: torch {torch.__version__} on {torch.cuda.get_device_name()}")
 PY
 
 echo "== 1/3 gpu tests"
-timeout 120 "$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
+timeout 60 "$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
 
 echo "== 2/3 rollout benchmark, default model, 3000 frames"
-timeout 240 "$python" -m server.cli bench rollout --config configs/default.yaml --frames 3000 \
+timeout 270 "$python" -m server.cli bench rollout --config configs/default.yaml --frames 3000 \
     --out "$out/default" || status=1
 
 echo "== 3/3 rollout benchmark, Wan2.1-1.3B-shaped model (random weights)"
-timeout 200 "$python" -m server.cli bench rollout --config configs/wan_1_3b_shape.yaml --frames 240 \
+timeout 150 "$python" -m server.cli bench rollout --config configs/wan_1_3b_shape.yaml --frames 240 \
     --measure-frames 8 --out "$out/wan_1_3b_shape" || status=1
 
 echo "gpu_check: results in $out (exit $status)"
