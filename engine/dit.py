@@ -90,12 +90,10 @@ class CausalDiT(nn.Module):
         super().__init__()
         m = config.model
         sizes = config.sizes()
-        self.channels = sizes.latent_shape[0]
         self.patch = m.patch_size
         self.grid = sizes.token_grid
         self.chunk_frames = m.chunk_frames
-        self.dim = m.dim
-        patch_features = self.channels * m.patch_size**2
+        patch_features = sizes.latent_shape[0] * m.patch_size**2
         self.patch_embed = nn.Linear(patch_features, m.dim)
         self.time_embed = nn.Sequential(nn.Linear(256, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
         self.action_embed = nn.Sequential(nn.Linear(sizes.action_dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))

@@ -23,7 +23,6 @@ class CachePolicy:
     """Interface: `capacity` (slots to preallocate), `commit` (store a chunk's tokens), `view` (what queries see)."""
 
     name: str
-    bounded: bool
 
     def __init__(self, config: CacheConfig, sizes: Sizes) -> None:
         self.config = config
@@ -54,7 +53,6 @@ class CachePolicy:
 
 class DensePolicy(CachePolicy):
     name = "dense"
-    bounded = False
 
     @property
     def capacity(self) -> int:
@@ -69,7 +67,6 @@ class DensePolicy(CachePolicy):
 
 class WindowPolicy(CachePolicy):
     name = "window"
-    bounded = True
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int

@@ -29,9 +29,6 @@ class PromptTokens:
     embeddings: torch.Tensor
     mask: torch.Tensor
 
-    def select(self, index: int) -> PromptTokens:
-        return PromptTokens(self.embeddings[index : index + 1], self.mask[index : index + 1])
-
     @staticmethod
     def stack(prompts: list[PromptTokens]) -> PromptTokens:
         """Concatenate single prompts along the batch, padding to the longest."""

@@ -30,7 +30,6 @@ from engine.policies import CachePolicy
 
 class TempCachePolicy(CachePolicy):
     name = "tempcache"
-    bounded = True
 
     def __init__(self, config: CacheConfig, sizes: Sizes, ann: AnnBackend) -> None:
         super().__init__(config, sizes)

@@ -28,6 +28,13 @@ def _inputs(model: WorldModel, frames: int, seed: int = 0):
     return x, actions, prompt
 
 
+def _empty_cache(model: WorldModel):
+    """The model's cache policy and an empty cache for one world."""
+    config, m = model.config, model.config.model
+    policy = make_policy(config.cache, config.sizes())
+    return policy, WorldCache(m.depth, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
+
+
 def _cached_pass(model, cache, policy, x, t, actions, prompt, first_frame, write):
     dit = model.dit
     pos = dit.positions(torch.tensor([first_frame]), x.shape[1])
@@ -44,10 +51,8 @@ def test_cached_rollout_equals_uncached_forward(chunk_frames: int) -> None:
     t = torch.zeros(1, frames)
     uncached = model.dit(x, t, actions, prompt)  # one frame-causal forward over all frames
 
-    config = model.config
-    policy = make_policy(config.cache, config.sizes())
-    m = config.model
-    cache = WorldCache(m.depth, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
+    config, m = model.config, model.config.model
+    policy, cache = _empty_cache(model)
     outs = []
     for start in range(0, frames, chunk_frames):
         rows = slice(start, start + chunk_frames)
@@ -63,9 +68,7 @@ def test_denoising_pass_reads_the_cache_without_writing() -> None:
     model = _model()
     frames = 4
     x, actions, prompt = _inputs(model, frames)
-    config, m = model.config, model.config.model
-    policy = make_policy(config.cache, config.sizes())
-    cache = WorldCache(m.depth, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
+    policy, cache = _empty_cache(model)
     for f in range(frames - 1):
         _cached_pass(model, cache, policy, x[:, f : f + 1], torch.zeros(1, 1), actions[:, f : f + 1], prompt, f, True)
     before = cache.tokens_per_layer()
