@@ -5,12 +5,13 @@ Public API (what `server` and tools may import):
 
 from engine.actions import IDLE, Action, ActionSpace
 from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
-from engine.config import ConfigError, WorldConfig, load_config, parse_config
+from engine.config import ATTENTION_PRESETS, ConfigError, WorldConfig, load_config, parse_config, with_overrides
 from engine.model import WorldModel
 from engine.world import World, WorldStats
 from engine.world_engine import WorldEngine
 
 __all__ = [
+    "ATTENTION_PRESETS",
     "IDLE",
     "Action",
     "ActionSpace",
@@ -26,4 +27,5 @@ __all__ = [
     "parse_config",
     "read_model_config",
     "save_checkpoint",
+    "with_overrides",
 ]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from engine.config import load_config
+from engine.config import ATTENTION_PRESETS, load_config
 from engine.rollout import load_actions, random_actions, run_rollout, save_actions
 from engine.world_engine import WorldEngine
 
@@ -50,17 +50,7 @@ STEP_WINDOW = 51
 DEFAULT_PROMPT = "red brick dungeon with wooden doors iron bars and flickering torches"
 REFERENCE = "dense"  # every configuration is compared with this one, which therefore always runs
 
-# name -> config overrides. Every configuration sets all the keys it is about, so that a base config (or --set)
-# that turns on sparse attention cannot make "dense" sparse.
-_DENSE_ATTENTION = {"attention.annsa": False, "attention.annca": False}
-CONFIGURATIONS: dict[str, dict[str, Any]] = {
-    "dense": {"cache.policy": "dense", **_DENSE_ATTENTION},
-    "window": {"cache.policy": "window", **_DENSE_ATTENTION},
-    "tempcache": {"cache.policy": "tempcache", **_DENSE_ATTENTION},
-    "tempcache+annsa": {"cache.policy": "tempcache", "attention.annsa": True, "attention.annca": False},
-    "tempcache+annsa+annca": {"cache.policy": "tempcache", "attention.annsa": True, "attention.annca": True},
-}
-_COLOURS = dict(zip(CONFIGURATIONS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")))
+_COLOURS = dict(zip(ATTENTION_PRESETS, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red")))
 
 Log = Callable[[str], None]
 
@@ -74,13 +64,13 @@ class BenchError(RuntimeError):
 
 
 def parse_configurations(text: str | None) -> list[str]:
-    """Comma-separated configuration names (None or "": all) -> names in the order of CONFIGURATIONS, the
+    """Comma-separated configuration names (None or "": all) -> names in the order of ATTENTION_PRESETS, the
     reference first. Raises ValueError naming an unknown one."""
-    asked = {n.strip() for n in (text or ",".join(CONFIGURATIONS)).split(",") if n.strip()}
-    unknown = sorted(asked - CONFIGURATIONS.keys())
+    asked = {n.strip() for n in (text or ",".join(ATTENTION_PRESETS)).split(",") if n.strip()}
+    unknown = sorted(asked - ATTENTION_PRESETS.keys())
     if unknown:
-        raise ValueError(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGURATIONS)}")
-    return [name for name in CONFIGURATIONS if name in asked | {REFERENCE}]
+        raise ValueError(f"unknown configuration {unknown[0]!r}; choose from {', '.join(ATTENTION_PRESETS)}")
+    return [name for name in ATTENTION_PRESETS if name in asked | {REFERENCE}]
 
 
 def run_benchmark(
@@ -114,7 +104,7 @@ def run_benchmark(
     config, out, overrides = Path(config).resolve(), Path(out), dict(overrides or {})
     base = load_config(config, overrides)
     for name in names:
-        load_config(config, {**overrides, **CONFIGURATIONS[name]})
+        load_config(config, {**overrides, **ATTENTION_PRESETS[name]})
     chunk = base.model.chunk_frames
     if frames % chunk:
         raise ValueError(f"frames={frames} must be a multiple of model.chunk_frames={chunk}")
@@ -126,13 +116,13 @@ def run_benchmark(
     job = {"config": str(config), "actions": str((out / "actions.json").resolve()), "seed": seed, "prompt": prompt}
     stats: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        settings = {**overrides, **CONFIGURATIONS[name], "attention.measure": False}
+        settings = {**overrides, **ATTENTION_PRESETS[name], "attention.measure": False}
         label = f"[{i + 1}/{len(names)}] {name}"
         spec = {**job, "overrides": settings, "frames": frames, "write_npy": True}
         stats[name] = _run_child(out / "runs" / name, spec, label, log)
     attention: dict[str, dict[str, Any]] = {}
     for name in names:
-        settings = {**overrides, **CONFIGURATIONS[name], "attention.measure": True}
+        settings = {**overrides, **ATTENTION_PRESETS[name], "attention.measure": True}
         if settings["attention.annsa"] or settings["attention.annca"]:
             spec = {**job, "overrides": settings, "frames": measured, "write_npy": False}
             result = _run_child(out / "runs" / name / "measure", spec, f"{name} density/recall", log)
@@ -148,7 +138,7 @@ def run_benchmark(
             "prompt": prompt,
             "measure_frames": measured,
             "overrides": overrides,
-            "configurations": {name: CONFIGURATIONS[name] for name in names},
+            "configurations": {name: ATTENTION_PRESETS[name] for name in names},
         },
         **_compare(out, names, stats, attention),
     }

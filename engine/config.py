@@ -32,6 +32,19 @@ DEFAULT_KEYS = (
 )
 
 
+# Named attention configurations (dotted-key overrides): what the rollout benchmark compares and what a server
+# session may choose. Each sets every key it is about, so a base config that turns on sparse attention cannot make
+# "dense" sparse.
+_DENSE_ATTENTION = {"attention.annsa": False, "attention.annca": False}
+ATTENTION_PRESETS: dict[str, dict[str, Any]] = {
+    "dense": {"cache.policy": "dense", **_DENSE_ATTENTION},
+    "window": {"cache.policy": "window", **_DENSE_ATTENTION},
+    "tempcache": {"cache.policy": "tempcache", **_DENSE_ATTENTION},
+    "tempcache+annsa": {"cache.policy": "tempcache", "attention.annsa": True, "attention.annca": False},
+    "tempcache+annsa+annca": {"cache.policy": "tempcache", "attention.annsa": True, "attention.annca": True},
+}
+
+
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message names the key and the file."""
 
@@ -280,6 +293,14 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> WorldConfig:
         return WorldConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
+
+
+def with_overrides(config: WorldConfig, overrides: dict[str, Any], source: str = "<overrides>") -> WorldConfig:
+    """A validated copy of `config` with dotted-key `overrides` (``cache.policy``) applied."""
+    data = config.model_dump()
+    for key, value in overrides.items():
+        _set_dotted(data, key, value, source)
+    return parse_config(data, source)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> WorldConfig:

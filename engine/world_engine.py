@@ -74,6 +74,13 @@ class WorldEngine:
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(config, model, device, dtype)
 
+    def sibling(self, config: WorldConfig) -> WorldEngine:
+        """An engine with other inference settings (cache policy, attention, sampler) that shares this one's
+        weights; `config.model` must equal this engine's. Its worlds batch only with their own engine's."""
+        if config.model != self.config.model:
+            raise ValueError("a sibling engine must have the same model section (it shares the weights)")
+        return WorldEngine(config, self.model, self.device, self.dtype)
+
     @property
     def chunk_frames(self) -> int:
         return self.config.model.chunk_frames

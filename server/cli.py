@@ -2,6 +2,7 @@
 
 worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
 worldserve bench rollout --config configs/default.yaml --configs dense,window --frames 300 --out bench/
+worldserve serve --config configs/default.yaml --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
-from engine import CheckpointError, ConfigError, WorldEngine, load_config
+from engine import ATTENTION_PRESETS, CheckpointError, ConfigError, WorldEngine, load_config
 from engine.bench_rollout import (
-    CONFIGURATIONS,
     DEFAULT_FRAMES,
     DEFAULT_PROMPT,
     MEASURE_FRAMES,
@@ -100,6 +101,24 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import create_app
+    from server.logs import configure_logging
+    from server.serve import WorldServer
+    from server.settings import ServerSettings
+
+    flags = {"config": args.config, "host": args.host, "port": args.port, "device": args.device}
+    settings = ServerSettings(**{key: value for key, value in flags.items() if value is not None})
+    load_config(settings.config)  # a bad config file is reported here in one line, before anything starts
+    configure_logging(settings.log_format)
+    server = WorldServer(create_app(settings), settings)
+    server.run()
+    if not server.started:
+        print("worldserve serve: error: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_config(), end="")
@@ -139,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     long_rollout.add_argument(
         "--configs",
-        help=f"comma-separated configurations (default: all; dense always runs): {', '.join(CONFIGURATIONS)}",
+        help=f"comma-separated configurations (default: all; dense always runs): {', '.join(ATTENTION_PRESETS)}",
     )
     long_rollout.add_argument(
         "--measure-frames",
@@ -153,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     long_rollout.add_argument("--out", type=Path, required=True, help="output folder")
     long_rollout.set_defaults(run=cmd_bench_rollout)
 
+    serve = commands.add_parser(
+        "serve", help="run the game server (settings: flags, then WORLDSERVE_* variables, then defaults)"
+    )
+    serve.add_argument("--config", type=Path, help=f"world model config (default: {DEFAULT_CONFIG})")
+    serve.add_argument("--host", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, help="TCP port (default: 8000)")
+    serve.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
+    serve.set_defaults(run=cmd_serve)
+
     config = commands.add_parser("config", help="print the resolved config and its derived sizes")
     _add_config_arguments(config)
     config.add_argument("--describe", action="store_true", help="print the reference of every key (markdown)")
@@ -165,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(filter(None, [args.command, getattr(args, "benchmark", None)]))
     try:
         return args.run(args)
+    except pydantic.ValidationError as error:  # settings from flags or WORLDSERVE_* variables
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        print(f"worldserve {command}: error: bad setting: {problems}", file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"worldserve {command}: error: {error}", file=sys.stderr)
         return 2

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import ConfigError
-from engine.bench_rollout import CONFIGURATIONS, PSNR_CAP_DB, parse_configurations, run_benchmark
+from engine import ATTENTION_PRESETS, ConfigError
+from engine.bench_rollout import PSNR_CAP_DB, parse_configurations, run_benchmark
 from engine.rollout import load_actions
 from tests.conftest import TINY, write_config
 
@@ -41,8 +41,8 @@ def test_every_configuration_is_run_measured_and_compared_with_dense(tmp_path: P
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
     assert {"machine", "config", "summary", "runs"} <= report.keys()
     assert {"cpu", "logical_cores", "torch", "torch_threads", "device", "platform", "date"} <= report["machine"].keys()
-    assert report["config"]["configurations"] == CONFIGURATIONS and report["config"]["frames"] == 12
-    assert list(report["summary"]) == list(report["runs"]) == list(CONFIGURATIONS)
+    assert report["config"]["configurations"] == ATTENTION_PRESETS and report["config"]["frames"] == 12
+    assert list(report["summary"]) == list(report["runs"]) == list(ATTENTION_PRESETS)
     actions = load_actions(out / "actions.json")
     for name, row in report["summary"].items():
         assert SUMMARY_KEYS <= row.keys(), name
@@ -70,11 +70,11 @@ def test_every_configuration_is_run_measured_and_compared_with_dense(tmp_path: P
     for name in ("fps_vs_frames.png", "memory_vs_frames.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     table = (out / "bench.md").read_text()
-    assert all(f"| {name} |" in table for name in CONFIGURATIONS)
+    assert all(f"| {name} |" in table for name in ATTENTION_PRESETS)
 
 
 def test_configuration_names() -> None:
-    assert parse_configurations(None) == list(CONFIGURATIONS)
+    assert parse_configurations(None) == list(ATTENTION_PRESETS)
     assert parse_configurations("window, tempcache") == ["dense", "window", "tempcache"]  # dense always runs
     assert parse_configurations("window,dense,window") == ["dense", "window"]
     with pytest.raises(ValueError, match="unknown configuration 'sparse'; choose from dense, window"):

@@ -1,0 +1,74 @@
+"""Deployment settings of the game server, read from `WORLDSERVE_*` environment variables (pydantic-settings).
+
+The world model itself (architecture, checkpoint, cache and attention defaults) is described by the YAML file named
+in `config`; these settings are what an operator tunes per box: where to listen, who may connect, and how much
+load to admit. `create_app(settings)` receives one `ServerSettings` object; nothing reads the environment later.
+
+    WORLDSERVE_PORT=9000 WORLDSERVE_MAX_SESSIONS=16 WORLDSERVE_TOKEN=s3cret worldserve serve
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine import ATTENTION_PRESETS
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WORLDSERVE_", extra="forbid", frozen=True)
+
+    config: Path = Field(Path("configs/default.yaml"), description="world model config (YAML)")
+    device: str | None = Field(None, description="torch device, overriding the config's runtime.device")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+
+    token: SecretStr | None = Field(None, description="when set, `hello` must carry this bearer token")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to open /ws besides the server's own (JSON list; '*' allows any)",
+    )
+
+    max_sessions: int = Field(8, ge=1, description="sessions admitted per device; more are refused (count)")
+    idle_timeout_s: float = Field(60.0, gt=0, description="a session that sends nothing this long is closed (s)")
+    max_session_s: float = Field(3600.0, gt=0, description="longest a session may last (s)")
+    resume_grace_s: float = Field(30.0, ge=0, description="a dropped session waits this long for a resume (s)")
+    heartbeat_s: float = Field(10.0, gt=0, description="how often clients should ping when otherwise silent (s)")
+
+    default_fps: float = Field(15.0, gt=0, description="realtime frame rate when hello asks for none (frames/s)")
+    max_fps: float = Field(60.0, gt=0, description="highest realtime frame rate a session may ask for (frames/s)")
+    attention_presets: list[str] = Field(
+        default_factory=lambda: ["dense", "window", "tempcache", "tempcache+annsa+annca"],
+        description="attention configurations a session may choose (names of engine.ATTENTION_PRESETS)",
+    )
+    switch_prime_frames: int = Field(
+        8, ge=1, description="frames shown last that seed the new cache when a session switches attention (frames)"
+    )
+    warmup_steps: int = Field(2, ge=0, description="engine steps per attention configuration before ready (count)")
+
+    jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of frames (1-100)")
+    encode_threads: int = Field(2, ge=1, description="threads that JPEG-encode frames off the event loop (count)")
+
+    max_message_bytes: int = Field(
+        128 * 1024, ge=1024, description="largest WebSocket message accepted; larger closes with 1009 (bytes)"
+    )
+    rate_limit_per_s: float = Field(200.0, gt=0, description="client messages per second a session may send")
+    rate_burst: int = Field(400, ge=1, description="messages a session may send at once above the rate (count)")
+    max_pending_steps: int = Field(8, ge=1, description="lockstep steps queued per session before refusing (count)")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time sessions get to receive their close on shutdown (s)")
+
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        unknown = [name for name in self.attention_presets if name not in ATTENTION_PRESETS]
+        if unknown or not self.attention_presets:
+            raise ValueError(
+                f"attention_presets must name at least one of {', '.join(ATTENTION_PRESETS)}; unknown: {unknown}"
+            )
+        if self.default_fps > self.max_fps:
+            raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
+        return self
