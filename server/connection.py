@@ -97,6 +97,10 @@ class Connection:
             return
         except WebSocketDisconnect:
             return
+        except Exception as error:  # making the world failed (a bad init frame for this model, out of memory, ...)
+            log.exception("could not open a session")
+            await self._refuse(ProtocolError(ErrorCode.ENGINE_ERROR, f"could not make the world: {error}"))
+            return
         self.session = session
         session.outbox.listener = self._wake
         self._send(self.manager.welcome(session, resumed))

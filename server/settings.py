@@ -9,6 +9,7 @@ load to admit. `create_app(settings)` receives one `ServerSettings` object; noth
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,9 @@ from engine import ATTENTION_PRESETS
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORLDSERVE_", extra="forbid", frozen=True)
 
-    config: Path = Field(Path("configs/default.yaml"), description="world model config (YAML)")
+    config: Path = Field(
+        Path("configs/default.yaml"), description="world model config (YAML; relative to the working directory)"
+    )
     device: str | None = Field(None, description="torch device, overriding the config's runtime.device")
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
@@ -72,3 +75,13 @@ class ServerSettings(BaseSettings):
         if self.default_fps > self.max_fps:
             raise ValueError(f"default_fps ({self.default_fps}) exceeds max_fps ({self.max_fps})")
         return self
+
+
+def describe_settings() -> str:
+    """Markdown table of every setting: environment variable, default, meaning (docs/server.md holds this text)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in ServerSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else json.dumps(default) if isinstance(default, list) else default
+        lines.append(f"| `WORLDSERVE_{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(lines) + "\n"

@@ -108,9 +108,7 @@ async def test_foreign_origin_is_refused_at_the_handshake(tiny_engine, tiny_conf
         assert 'worldserve_sessions_refused_total{reason="origin"} 1.0' in (await server.get("/metrics")).text
 
 
-async def test_oversized_message_closes_with_1009_and_the_world_can_resume(
-    tiny_engine, tiny_config_file: Path
-) -> None:
+async def test_oversized_message_closes_with_1009_and_the_world_can_resume(tiny_engine, tiny_config_file: Path) -> None:
     async with run_server(tiny_engine, tiny_config_file, max_message_bytes=2048) as server:
         async with server.connect() as client:
             welcome = await client.hello(mode="lockstep")

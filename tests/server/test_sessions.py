@@ -87,7 +87,8 @@ async def test_resume_continues_the_same_world(tiny_engine, tiny_config_file: Pa
         async with server.connect() as client:
             resumed = await client.hello(resume_token=welcome.resume_token, mode="realtime", seed=99)
             assert resumed.resumed and resumed.session_id == welcome.session_id
-            assert (resumed.mode, resumed.seed, resumed.prompt, resumed.attention) == ("lockstep", 4, "icy cave", "window")
+            kept = (resumed.mode, resumed.seed, resumed.prompt, resumed.attention)
+            assert kept == ("lockstep", 4, "icy cave", "window")  # the world's settings, not the new hello's
             assert resumed.frame_index == 3
             await client.send(type="step", seq=0)
             assert (await client.frames(1))[0].index == 3
