@@ -60,7 +60,7 @@ def _say(line: str) -> None:
 
 
 class BenchError(RuntimeError):
-    """A configuration's process failed; the message names it and its log file."""
+    """A benchmark run failed (a configuration's process, a simulated player); the message says which and why."""
 
 
 def parse_configurations(text: str | None) -> list[str]:
@@ -129,7 +129,7 @@ def run_benchmark(
             attention[name] = result["summary"].get("attention", {})
     # 4. compare, summarise, write
     report = {
-        "machine": _machine(stats[REFERENCE]["summary"]),
+        "machine": machine_info(stats[REFERENCE]["summary"]),
         "config": {
             "base": base.model_dump(mode="json"),
             "file": str(config),
@@ -272,7 +272,7 @@ def _fidelity(frames: np.ndarray, reference: np.ndarray) -> tuple[list[float | N
     return psnr, ssim
 
 
-def _machine(summary: dict[str, Any]) -> dict[str, Any]:
+def machine_info(summary: dict[str, Any]) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -308,7 +308,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Long-rollout benchmark",
         "",
-        f"{_machine_words(m)}, torch {m['torch']}, {m['dtype']}; {c['frames']} frames, seed {c['seed']}, "
+        f"{machine_words(m)}, torch {m['torch']}, {m['dtype']}; {c['frames']} frames, seed {c['seed']}, "
         f"prompt {c['prompt']!r}, config `{Path(c['file']).name}`; {m['date']}.",
         "",
         "| configuration | step ms @100 | step ms last | speedup last | speedup total | PSNR vs dense | "
@@ -358,7 +358,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine_words(m: dict[str, Any]) -> str:
+def machine_words(m: dict[str, Any]) -> str:
     cores = f"{m['logical_cores']} logical cores, {m['torch_threads']} torch threads"
     return f"{m['gpu']} ({m['cpu']}, {cores})" if m["gpu"] else f"{m['cpu']} ({cores})"
 
@@ -366,7 +366,7 @@ def _machine_words(m: dict[str, Any]) -> str:
 def _title(report: dict[str, Any], what: str) -> str:
     m, model = report["machine"], report["config"]["base"]["model"]
     net = f"{model['depth']}-block DiT, width {model['dim']}, {m['tokens_per_frame']} tokens/frame"
-    return f"{what}\n{net}, {m['parameters'] / 1e6:.1f} M params - {_machine_words(m)}"
+    return f"{what}\n{net}, {m['parameters'] / 1e6:.1f} M params - {machine_words(m)}"
 
 
 def _rolling_median(values: np.ndarray, window: int = 25) -> np.ndarray:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -54,7 +55,7 @@ class ServerState:
 
 
 def build_engine(settings: ServerSettings) -> WorldEngine:
-    overrides = {"runtime.device": settings.device} if settings.device else {}
+    overrides = {**settings.overrides, **({"runtime.device": settings.device} if settings.device else {})}
     return WorldEngine.from_config(load_config(settings.config, overrides))
 
 
@@ -93,10 +94,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format)
-        base = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        engines, default = attention_engines(base, settings.attention_presets)
         metrics = Metrics()
-        encoder = FrameEncoder(settings.encode_threads, settings.jpeg_quality)
         manager: SessionManager | None = None
 
         def on_chunk(session, chunk):
@@ -105,13 +103,29 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
         def on_failure(session, message):
             manager.on_failure(session, message)
 
-        worker = EngineWorker(engines, metrics, on_chunk, on_failure)
+        worker = EngineWorker(metrics, on_chunk, on_failure)
+        worker.start()
+        started = time.monotonic()
+
+        def load() -> tuple[dict[str, WorldEngine], str]:
+            # On the engine thread, like every torch call: a second thread running CPU ops would bring a second
+            # OpenMP pool, and two pools on few cores made each step about twice as slow (measured, docs/server.md).
+            base = engine if engine is not None else build_engine(settings)
+            engines, default = attention_engines(base, settings.attention_presets)
+            warm_up(engines, settings.warmup_steps)
+            return engines, default
+
+        try:
+            engines, default = await asyncio.wrap_future(worker.call(load))
+        except BaseException:
+            worker.stop()
+            raise
+        base = engines[default]
+        worker.engines = engines
+        encoder = FrameEncoder(settings.encode_threads, settings.jpeg_quality)
         manager = SessionManager(settings, worker, encoder, metrics, default)
         state = ServerState(settings, engines, default, metrics, worker, encoder, manager)
         app.state.server = state
-        worker.start()
-        started = time.monotonic()
-        await asyncio.wrap_future(worker.call(lambda: warm_up(engines, settings.warmup_steps)))
         state.ready = True
         log.info(
             "ready",
@@ -167,8 +181,10 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
                 "config": str(s.config),
                 "checkpoint": str(base.config.runtime.checkpoint) if base.config.runtime.checkpoint else None,
                 "parameters": sum(p.numel() for p in base.model.parameters()),
+                "tokens_per_frame": base.sizes.tokens_per_frame,
                 "device": str(base.device),
                 "dtype": str(base.dtype).removeprefix("torch."),
+                "torch_threads": torch.get_num_threads(),
             },
             "frame": {"height": model.frame_height, "width": model.frame_width, "channels": 3, "encoding": "jpeg"},
             "chunk_frames": model.chunk_frames,

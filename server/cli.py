@@ -2,12 +2,14 @@
 
 worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
 worldserve bench rollout --config configs/default.yaml --configs dense,window --frames 300 --out bench/
+worldserve bench serve --config configs/default.yaml --sessions 4 --seconds 10 --out bench-serve/
 worldserve serve --config configs/default.yaml --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import sys
 from pathlib import Path
@@ -101,6 +103,23 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from server.bench_serve import run_serve_benchmark, summary_text
+
+    report = asyncio.run(
+        run_serve_benchmark(
+            args.config,
+            args.out,
+            sessions=args.sessions,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            overrides=dict(args.overrides),
+        )
+    )
+    print(summary_text(report, args.out))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.logs import configure_logging
@@ -109,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     flags = {"config": args.config, "host": args.host, "port": args.port, "device": args.device}
     settings = ServerSettings(**{key: value for key, value in flags.items() if value is not None})
-    load_config(settings.config)  # a bad config file is reported here in one line, before anything starts
+    if args.overrides:
+        settings = settings.model_copy(update={"overrides": {**settings.overrides, **dict(args.overrides)}})
+    load_config(settings.config, settings.overrides)  # a bad config is reported here in one line, before the server
     configure_logging(settings.log_format)
     server = WorldServer(create_app(settings), settings)
     server.run()
@@ -172,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     long_rollout.add_argument("--out", type=Path, required=True, help="output folder")
     long_rollout.set_defaults(run=cmd_bench_rollout)
 
+    serve_bench = benchmarks.add_parser(
+        "serve", help="simulated realtime players against an in-process server: frames/s and input-to-frame latency"
+    )
+    serve_bench.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    serve_bench.add_argument("--sessions", type=int, required=True, help="simulated players, one session each")
+    serve_bench.add_argument("--seconds", type=float, required=True, help="length of the measured window (s)")
+    serve_bench.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds of play first (default: %(default)s)"
+    )
+    _add_set_argument(serve_bench, "override a config key, e.g. --set runtime.device=cuda (repeatable)")
+    serve_bench.add_argument("--out", type=Path, required=True, help="output folder")
+    serve_bench.set_defaults(run=cmd_bench_serve)
+
     serve = commands.add_parser(
         "serve", help="run the game server (settings: flags, then WORLDSERVE_* variables, then defaults)"
     )
@@ -179,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, help="TCP port (default: 8000)")
     serve.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
+    _add_set_argument(serve, "override any config key, e.g. --set cache.policy=window (repeatable)")
     serve.set_defaults(run=cmd_serve)
 
     config = commands.add_parser("config", help="print the resolved config and its derived sizes")

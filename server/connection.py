@@ -189,7 +189,7 @@ class Connection:
             if sent == len(chunk.messages):
                 self.manager.sent(session, chunk)
             else:
-                chunk.messages = chunk.messages[sent:]
+                chunk.messages, chunk.frames = chunk.messages[sent:], chunk.frames[sent:]
                 self.manager.unsent(session, chunk)
 
     # ---- reader
@@ -201,17 +201,22 @@ class Connection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 if message.get("code") == CLIENT_DONE:
-                    self.manager.end(session, None, "the client closed the session")
+                    self.manager.finish(session, self)
                 return
             now = time.monotonic()
             session.last_message_at = now
             if not self._admit(now):
+                if self._close_code is not None:
+                    return
                 continue
             try:
                 parsed = decode_client(message.get("bytes") or message.get("text") or b"", max_bytes)
                 await self._handle(session, parsed, now)
             except ProtocolError as error:
                 self.error(error)
+            except Exception as error:  # an engine job (reset, prompt, attention switch) failed: the world is suspect
+                log.exception("session change failed", extra={"session": session.id})
+                self.manager.end(session, ErrorCode.ENGINE_ERROR, f"the engine failed: {type(error).__name__}: {error}")
             if self._close_code is not None:
                 return
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -30,12 +30,12 @@ BATCH_SLACK = 0.5  # a realtime session due within this fraction of its frame in
 class EngineWorker:
     def __init__(
         self,
-        engines: Mapping[str, WorldEngine],
         metrics: Metrics,
         on_chunk: Callable[[Session, Chunk], None],
         on_failure: Callable[[Session, str], None],
     ) -> None:
-        self.engines = dict(engines)  # attention configuration name -> engine; all share one model
+        # attention configuration name -> engine, all sharing one model; built by a job on this thread, then set
+        self.engines: dict[str, WorldEngine] = {}
         self._metrics = metrics
         self._on_chunk = on_chunk
         self._on_failure = on_failure
@@ -124,10 +124,12 @@ class EngineWorker:
                 for order in group:
                     self._on_failure(order.session, f"{type(error).__name__}: {error}")
                 continue
-            step_s = time.monotonic() - started
+            finished = time.monotonic()
+            step_s = finished - started
             self._metrics.step_seconds.observe(step_s)
             self._metrics.batch_size.observe(len(group))
             for order, chunk_frames in zip(group, frames):
+                order.session.stepped(finished)
                 world = order.world
                 self._on_chunk(
                     order.session,

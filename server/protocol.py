@@ -1,7 +1,7 @@
 """Protocol v1 on `/ws`: every wire message, as typed models (docs/protocol.md is the prose version).
 
-Each WebSocket message is one binary frame holding one msgpack map with a `type` field. The browser client
-(client/web/protocol.js) and the Python client (client/) mirror these models one-to-one.
+Each WebSocket message is one binary frame holding one msgpack map with a `type` field. The clients (the browser
+page and the Python SDK under client/) mirror these models one-to-one and invent no messages of their own.
 
     client -> server: hello, action, step, reset, set_prompt, set_attention, pause, resume, ping
     server -> client: welcome, frame, pong, error
@@ -153,7 +153,7 @@ class Action(Input):
 
     type: Literal["action"]
     seq: Seq
-    t: Millis  # client clock (ms), echoed in the first frame that applies this action
+    t: Millis  # client clock (ms), echoed in every frame that applies this action (until a newer one)
 
     def input(self) -> Input:
         return Input(keys=self.keys, dx=self.dx, dy=self.dy, buttons=self.buttons)
@@ -254,9 +254,11 @@ class Welcome(_Message):
 
 
 class Timings(_Message):
-    queue_ms: float  # from when the frame was due (realtime) or its step arrived (lockstep) to the engine step
+    # from when the frame was due (realtime: its scheduled time, or the end of the session's previous step if the
+    # engine is behind; lockstep: the step's arrival) to the start of the engine step that made it
+    queue_ms: float
     step_ms: float  # the engine step (the whole batch it was part of)
-    encode_ms: float  # JPEG encoding of this frame
+    encode_ms: float  # JPEG encoding per frame (the mean over the step's chunk)
 
 
 class CacheInfo(_Message):
@@ -266,13 +268,13 @@ class CacheInfo(_Message):
 
 class Frame(_Message):
     type: Literal["frame"] = "frame"
-    index: int  # frame index in this world, from 0 (reset starts again at 0)
+    index: int  # frame index in this world: frames so far, counting init and seed frames (see docs/protocol.md)
     seq: int | None  # seq of the last action (realtime) or the step (lockstep) applied; None before any
     t: float | None  # the client timestamp of that action, echoed
     attention: str
     timings: Timings
     cache: CacheInfo
-    dropped: int  # frames of this session replaced before they were sent, so far
+    dropped: int  # frames of this session replaced before they were sent, up to when this frame was made
     jpeg: bytes
 
 

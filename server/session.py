@@ -163,12 +163,14 @@ class Session:
         prompt: str,
         seed: int,
         world: World,
+        chunk_frames: int,
         prime_frames: int,
     ) -> None:
         self.id = session_id
         self.resume_token = resume_token
         self.mode = mode
-        self.fps = fps
+        self.fps = fps  # frames per second; one engine step makes `chunk_frames` of them
+        self.chunk_frames = chunk_frames
         self.created_at = time.monotonic()
         self.last_message_at = self.created_at
         self.detached_at: float | None = None  # when the socket dropped; None while connected
@@ -191,10 +193,12 @@ class Session:
         self._steps: deque[tuple[int, float, Action, float]] = deque()  # lockstep: (seq, t, action, received_at)
         self._awaiting_delivery = False  # lockstep: a chunk is on its way; the next step waits for it
         self._next_due = self.created_at
+        self._stepped_at = self.created_at  # when this session's last step ended
 
     @property
     def interval(self) -> float:
-        return 1.0 / self.fps
+        """Seconds between two engine steps of this session (realtime)."""
+        return self.chunk_frames / self.fps
 
     # ---- event loop
 
@@ -239,7 +243,9 @@ class Session:
             if self.mode == "realtime":
                 if now + slack < self._next_due:
                     return None
-                due_at = self._next_due
+                # queue time counts from when the frame was due or, when the engine is behind, from when this
+                # session's previous step ended: the earliest the engine could have made this frame
+                due_at = max(self._next_due, self._stepped_at)
                 # keep the average rate; after a stall, start again from now instead of catching up in a burst
                 self._next_due = max(self._next_due + self.interval, now - self.interval)
                 return Order(self, self.world, self.input.take(), due_at, self.generation)
@@ -248,6 +254,10 @@ class Session:
             seq, t, action, received_at = self._steps.popleft()
             self._awaiting_delivery = True
             return Order(self, self.world, Applied(action, seq, t, received_at, True), received_at, self.generation)
+
+    def stepped(self, at: float) -> None:
+        with self.lock:
+            self._stepped_at = at
 
     def replace_world(self, world: World, attention: str, prompt: str, seed: int) -> None:
         """Install a new world (reset, attention switch); pending lockstep steps stay queued for it."""

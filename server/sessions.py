@@ -104,6 +104,9 @@ class SessionManager:
         self.sessions[session.id] = session
         self._by_token[session.resume_token] = session
         self._connections[session] = connection
+        if not self.admitting:  # the drain ran while this world was being made
+            self.end(session, None, "the server is shutting down")
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         self.worker.add(session)
         self.metrics.sessions_admitted.inc()
         self.metrics.sessions_active.set(len(self.sessions))
@@ -145,6 +148,7 @@ class SessionManager:
             prompt=hello.prompt,
             seed=seed,
             world=world,
+            chunk_frames=self._chunk_frames,
             prime_frames=self.settings.switch_prime_frames,
         )
 
@@ -266,9 +270,14 @@ class SessionManager:
         self._loop.call_soon_threadsafe(self.end, session, ErrorCode.ENGINE_ERROR, f"the engine failed: {message}")
 
     async def _deliver(self, session: Session, chunk: Chunk) -> None:
-        jpegs, encode_ms = await self.encoder.encode(chunk.frames)
         if session.closed or chunk.generation != session.generation:
-            return  # a world that has since been replaced
+            return  # a session that ended, or a world that has since been replaced
+        try:
+            jpegs, encode_ms = await self.encoder.encode(chunk.frames)
+        except RuntimeError:  # the encoder's pool is shut down: the server is stopping
+            return
+        if session.closed or chunk.generation != session.generation:
+            return
         self.metrics.encode_seconds.observe(encode_ms / 1e3)
         session.recent_frames.extend(chunk.frames)
         chunk.encode_ms = encode_ms
@@ -326,6 +335,11 @@ class SessionManager:
             return
         session.set_connected(False)
         log.info("session detached", extra={"session": session.id})
+
+    def finish(self, session: Session, connection: Connection) -> None:
+        """The client closed with 1000: it is done, so its world goes now (unless another connection took over)."""
+        if self._connections.get(session) is connection:
+            self.end(session, None, "the client closed the session")
 
     def end(self, session: Session, code: ErrorCode | None, reason: str) -> None:
         """End a session for good: tell its connection (with `code`), free its world, log its summary."""

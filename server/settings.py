@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,9 @@ class ServerSettings(BaseSettings):
 
     config: Path = Field(
         Path("configs/default.yaml"), description="world model config (YAML; relative to the working directory)"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='config keys to override, dotted (JSON map, e.g. {"cache.policy": "window"})'
     )
     device: str | None = Field(None, description="torch device, overriding the config's runtime.device")
     host: str = Field("127.0.0.1", description="interface to listen on")
