@@ -1,4 +1,1 @@
-"""worldserve server side: the `worldserve` command line (and, with the server issue, the game server).
-
-Imports only `engine`'s public API.
-"""
+"""worldserve server side: the game server (FastAPI + WebSocket protocol v1) and the `worldserve` command line."""
