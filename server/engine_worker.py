@@ -92,6 +92,7 @@ class EngineWorker:
                     orders.append(order)
             if orders:
                 self._step(orders)
+                self.heartbeat = time.monotonic()
                 continue
             next_due = min((session.next_due() for session in sessions), default=float("inf"))
             self._wake.wait(max(0.0, min(IDLE_WAIT_S, next_due - time.monotonic())))
@@ -109,6 +110,7 @@ class EngineWorker:
                 future.set_result(fn())
             except BaseException as error:  # handed to the caller, who decides what it means
                 future.set_exception(error)
+            self.heartbeat = time.monotonic()  # a long job (loading the model) is not a stall once it is done
 
     def _step(self, orders: list[Order]) -> None:
         groups: dict[str, list[Order]] = {}
