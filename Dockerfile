@@ -5,6 +5,14 @@
 # with WORLDSERVE_PORT (not --port) so that the HEALTHCHECK follows it. Configs and weights are mountable:
 #   -v "$PWD/configs:/app/configs:ro" -v "$PWD/weights:/app/weights:ro"
 # A config names its weights with runtime.checkpoint, relative to the config's folder (../weights/model.safetensors).
+
+# The browser client's one npm dependency (msgpack), exactly as client/web/package-lock.json pins it. The server
+# serves client/web/node_modules with the page; the final image takes the folder and no Node.
+FROM node:20-bookworm-slim AS web
+WORKDIR /web
+COPY client/web/package.json client/web/package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -32,12 +40,14 @@ print(*p['dependencies'], *p['optional-dependencies']['gpu'], sep=chr(10))" > /t
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself with the `gpu` extra (faiss-gpu); its dependencies are already there. client/web is package
-# data. DL3013 asks to pin PyPI packages: this is the local project, whose dependencies are ranged in pyproject.
+# The project itself with the `gpu` extra (faiss-gpu); its dependencies are already there. client/web, with the
+# node_modules of the web stage, is package data. DL3013 asks to pin PyPI packages: this is the local project, whose
+# dependencies are ranged in pyproject.
 COPY README.md ./
 COPY engine engine
 COPY server server
 COPY client client
+COPY --from=web /web/node_modules client/web/node_modules
 # hadolint ignore=DL3013
 RUN pip install ".[gpu]" \
     && rm -rf build worldserve.egg-info

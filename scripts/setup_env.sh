@@ -31,4 +31,21 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 pip install -e ".[$accel,dev]"
+
+# The browser client's one dependency (msgpack) comes from the npm registry, pinned by client/web/package-lock.json;
+# the server serves it from client/web/node_modules (no CDN: the machine may be offline).
+if command -v npm >/dev/null 2>&1; then
+    npm ci --prefix client/web --no-audit --no-fund --loglevel=error
+else
+    echo "warning: npm not found: the browser client at / will not load (install Node.js and npm, then rerun)" >&2
+fi
+
+# The browser tests drive Debian's Chromium (never a downloaded browser). Installed here when missing and we may.
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "warning: no Chromium: the browser tests will be skipped (apt-get install chromium)" >&2
+    fi
+fi
 echo "worldserve installed in $VENV ($accel)"

@@ -239,6 +239,7 @@ class Welcome(_Message):
     session_id: str
     resume_token: str
     resumed: bool  # True: this continues an existing world (frame index and settings as they were)
+    paused: bool  # the world is paused (a resumed session keeps its pause)
     mode: Literal["realtime", "lockstep"]
     frame: FrameSpec
     actions: dict[str, Any]  # the engine's action spec: keys, mouse scale, tensor layout

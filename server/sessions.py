@@ -190,6 +190,7 @@ class SessionManager:
             session_id=session.id,
             resume_token=session.resume_token,
             resumed=resumed,
+            paused=session.paused,
             mode=session.mode,
             frame=FrameSpec(height=height, width=width),
             actions=self._action_spec,

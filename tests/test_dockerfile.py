@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,29 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
 
 def arguments(path: Path, keyword: str) -> list[str]:
     return [args for key, args in instructions(path) if key == keyword]
+
+
+def stages() -> list[tuple[str, str | None, list[tuple[str, str]]]]:
+    """The build stages in order: (base image, stage name or None, the stage's instructions after its FROM)."""
+    result: list[tuple[str, str | None, list[tuple[str, str]]]] = []
+    for key, args in instructions():
+        if key == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            result.append((words[0], name, []))
+        else:
+            assert result, f"{key} before the first FROM"
+            result[-1][2].append((key, args))
+    return result
+
+
+def copy_words(args: str) -> tuple[str | None, list[str], str]:
+    """A COPY's (stage it copies from, or None for the build context; sources; destination)."""
+    words = json.loads(args) if args.startswith("[") else shlex.split(args)
+    source_stage = next((word.split("=", 1)[1] for word in words if word.startswith("--from=")), None)
+    paths = [word for word in words if not word.startswith("--")]
+    assert len(paths) >= 2, f"COPY {args}"
+    return source_stage, paths[:-1], paths[-1]
 
 
 def exec_form(args: str) -> list[str]:
@@ -187,6 +211,33 @@ def test_dockerfile_installs_cuda_torch_then_the_gpu_extra() -> None:
     assert torch_step[0] < min(code_copies) < project_step[0], "torch installs before the code is copied (layer cache)"
 
 
+def test_image_gets_the_browser_clients_node_modules_from_a_node_stage() -> None:
+    """The page imports msgpack from client/web/node_modules (no CDN): a Node stage installs exactly what
+    package-lock.json pins, and the final image (without Node) takes the folder before installing the package."""
+    *builders, (_, _, final) = stages()
+    web = [(name, steps) for image, name, steps in builders if image.startswith("node:")]
+    assert len(web) == 1 and web[0][0], "one named node:* stage should install the browser client's npm packages"
+    name, steps = web[0]
+    copied = {path for key, args in steps if key == "COPY" for path in copy_words(args)[1]}
+    assert {"client/web/package.json", "client/web/package-lock.json"} <= copied
+    runs = " ".join(args for key, args in steps if key == "RUN")
+    assert re.search(r"\bnpm ci\b", runs), "the stage should run `npm ci` (the lock file decides the versions)"
+    workdir = [args for key, args in steps if key == "WORKDIR"][-1]
+
+    def index(predicate: Any) -> int:
+        found = [i for i, (key, args) in enumerate(final) if predicate(key, args)]
+        assert found, "a step of the final stage is missing"
+        return found[0]
+
+    modules = index(lambda key, args: key == "COPY" and copy_words(args)[0] == name)
+    assert copy_words(final[modules][1])[1:] == ([f"{workdir.rstrip('/')}/node_modules"], "client/web/node_modules")
+    client = index(lambda key, args: key == "COPY" and copy_words(args)[1] == ["client"])
+    install = index(lambda key, args: key == "RUN" and re.search(r"pip install \S*\.\[gpu\]", args))
+    assert client < modules < install, "node_modules lands in client/web after the client, before `pip install .`"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "web/**/*" in package_data["client"], "pip install . would leave client/web/node_modules out"
+
+
 def test_dockerfile_runs_as_a_non_root_user_it_creates() -> None:
     users = arguments(DOCKERFILE, "USER")
     assert users, "no USER: the server would run as root"
@@ -202,10 +253,9 @@ def test_dockerfile_runs_as_a_non_root_user_it_creates() -> None:
 def test_every_copy_source_exists_and_reaches_the_build_context() -> None:
     sources = []
     for args in arguments(DOCKERFILE, "COPY"):
-        words = json.loads(args) if args.startswith("[") else shlex.split(args)
-        words = [word for word in words if not word.startswith("--")]
-        assert len(words) >= 2, f"COPY {args}"
-        sources += words[:-1]
+        source_stage, paths, _ = copy_words(args)
+        if source_stage is None:  # COPY --from=STAGE copies out of an earlier stage, not the build context
+            sources += paths
     assert {"pyproject.toml", "README.md", "engine", "server", "client", "configs"} <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: no such path in the repository"

@@ -51,6 +51,7 @@ SERVER_EXAMPLES = [
         session_id="abc",
         resume_token="tok",
         resumed=False,
+        paused=False,
         mode="realtime",
         frame=p.FrameSpec(height=64, width=64),
         actions={"keys": ["KeyW"], "mouse": {"scale_px": 20.0}},

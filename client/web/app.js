@@ -1,0 +1,231 @@
+// The page: wires the connection, the view, the input, the HUD and the controls together.
+//
+// URL parameters (all optional): ?token= (kept in sessionStorage, then removed from the address bar), ?prompt=,
+// ?seed=, ?attention=, ?fps=. `window.worldserve.state` mirrors what the page shows, for tests and the console.
+
+import { Connection } from "./connection.js";
+import { Controls } from "./controls.js";
+import { Hud } from "./hud.js";
+import { Input } from "./input.js";
+import { Legend } from "./legend.js";
+import * as protocol from "./protocol.js";
+import { Recorder } from "./recorder.js";
+import { Status } from "./status.js";
+import { View } from "./view.js";
+
+const TOKEN_KEY = "worldserve.token";
+const SETTINGS_KEY = "worldserve.settings"; // prompt, seed, attention: a reload asks for the same kind of world
+
+const $ = (id) => document.getElementById(id);
+
+// ---- settings: the URL, then what this tab chose before a reload
+
+const params = new URLSearchParams(location.search);
+if (params.has("token")) {
+  sessionStorage.setItem(TOKEN_KEY, params.get("token"));
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(null, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
+}
+const settings = { ...JSON.parse(sessionStorage.getItem(SETTINGS_KEY) ?? "{}") };
+if (params.has("prompt")) settings.prompt = params.get("prompt");
+if (params.has("attention")) settings.attention = params.get("attention");
+const seed = Number(params.get("seed") ?? NaN);
+if (Number.isSafeInteger(seed) && seed >= 0) settings.seed = seed;
+const fpsParam = Number(params.get("fps") ?? NaN);
+const fps = fpsParam > 0 && fpsParam <= 1000 ? fpsParam : undefined; // the server caps it at its max_fps
+
+function remember(changes) {
+  Object.assign(settings, changes);
+  sessionStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+}
+
+// ---- state the page shows (read by the browser tests through window.worldserve.state)
+
+const state = {
+  connection: "idle",
+  sessionId: null,
+  sessions: 0, // welcomes so far (a reconnect to a new world counts one more)
+  resumed: false,
+  frameIndex: null,
+  framesReceived: 0,
+  framesShown: 0,
+  attention: null,
+  attentionChoices: [],
+  paused: false,
+  latencyMs: null,
+  lastSeqSent: null,
+  closes: [], // the last closes: {code, advice, error (its code), reason}
+  get message() {
+    return status.last; // what the banner says: {kind, code, text}, or null
+  },
+};
+
+// ---- the parts
+
+const canvas = $("screen");
+const stageNote = $("stage-note");
+const hud = new Hud($("hud"));
+const status = new Status($("status"), $("message"), () => connection.start());
+const recorder = new Recorder(canvas);
+
+const view = new View(canvas, (frame, shownAt) => {
+  const sentAt = frame.seq === null || frame.seq === undefined ? null : connection.sentTime(frame.seq, frame.t);
+  const latency = hud.frameShown(frame, shownAt, sentAt);
+  hud.set("skipped", view.skipped);
+  state.framesShown += 1;
+  if (latency !== null) state.latencyMs = latency;
+});
+
+const input = new Input(canvas, () => {
+  legend.update();
+  const seq = connection.sendAction(input.take());
+  if (seq !== null) state.lastSeqSent = seq;
+});
+const legend = new Legend($("keys"), $("mouse-note"), input);
+
+const controls = new Controls(document.querySelector(".panel"), {
+  setPrompt(prompt) {
+    connection.send(protocol.setPrompt(prompt));
+    remember({ prompt });
+  },
+  reset(seed) {
+    if (!connection.send(protocol.reset({ seed })) || seed === undefined) return;
+    remember({ seed });
+    hud.set("seed", seed);
+  },
+  pause() {
+    connection.send(protocol.pause());
+    state.paused = true;
+    note();
+  },
+  resume() {
+    connection.send(protocol.resume());
+    state.paused = false;
+    note();
+  },
+  attention(name) {
+    connection.send(protocol.setAttention(name));
+    remember({ attention: name });
+  },
+  async record() {
+    if (recorder.recording) {
+      await recorder.stop(`worldserve-${state.sessionId ?? "clip"}-${timestamp()}`);
+      controls.setRecording(false);
+    } else {
+      recorder.start();
+      controls.setRecording(true, 0);
+    }
+  },
+  token(token) {
+    sessionStorage.setItem(TOKEN_KEY, token);
+    connection.start();
+  },
+});
+controls.setRecordingSupported(recorder.supported);
+controls.setEnabled(false);
+setInterval(() => recorder.recording && controls.setRecording(true, recorder.seconds), 500);
+
+const connection = new Connection({
+  url: wsUrl(),
+  infoUrl: new URL("api/info", location.href).href,
+  helloFields: () => ({
+    prompt: controls.prompt.value || settings.prompt || "",
+    seed: settings.seed,
+    fps,
+    attention: settings.attention,
+    token: sessionStorage.getItem(TOKEN_KEY) ?? undefined,
+  }),
+  on: {
+    state(name, detail) {
+      state.connection = name;
+      status.state(name, detail);
+      controls.setEnabled(name === "open");
+      note();
+    },
+    welcome(welcome) {
+      Object.assign(state, {
+        sessionId: welcome.session_id,
+        sessions: state.sessions + 1,
+        resumed: welcome.resumed,
+        frameIndex: null,
+        attention: welcome.attention,
+        attentionChoices: welcome.attention_choices,
+      });
+      state.paused = welcome.paused;
+      view.clear();
+      view.configure({
+        width: welcome.frame.width,
+        height: welcome.frame.height,
+        fps: welcome.fps,
+        chunkFrames: welcome.chunk_frames,
+      });
+      hud.reset();
+      hud.welcome(welcome);
+      input.setKnownKeys(welcome.actions.keys);
+      legend.show(welcome.actions);
+      legend.update();
+      controls.welcome(welcome);
+      status.connected(welcome.resumed);
+      note();
+      // The server keeps the last input of a resumed world (held keys stay held): tell it what is held now.
+      const seq = connection.sendAction(input.take(), false);
+      if (seq !== null) state.lastSeqSent = seq;
+    },
+    frame(frame) {
+      state.framesReceived += 1;
+      state.frameIndex = frame.index;
+      state.attention = frame.attention;
+      hud.frameReceived(frame, performance.now());
+      controls.attentionShown(frame.attention);
+      view.push(frame);
+    },
+    pong(_, rttMs) {
+      hud.set("rtt_ms", rttMs);
+    },
+    error(message) {
+      status.error(message);
+    },
+    closed(info) {
+      state.closes = [...state.closes.slice(-19), { ...info, error: info.error?.code ?? null }];
+      input.discardMotion();
+      status.closed(info);
+      if (info.reason === "token_required" || info.error?.code === protocol.ErrorCode.BAD_TOKEN) {
+        sessionStorage.removeItem(TOKEN_KEY);
+        controls.showToken(true);
+      }
+    },
+  },
+});
+
+// ---- the page's life: done when it goes away; a page restored from the back/forward cache starts again
+
+window.addEventListener("pagehide", () => connection.stop());
+window.addEventListener("pageshow", (event) => event.persisted && connection.start());
+document.addEventListener("pointerlockchange", note);
+
+window.worldserve = { state, protocol, connection };
+connection.start();
+
+// ---- helpers
+
+function wsUrl() {
+  const url = new URL("ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+/** The line over the picture: what the player can do now, or why nothing moves. */
+function note() {
+  let text = "";
+  if (state.connection === "connecting" || state.connection === "waiting") text = "connecting…";
+  else if (state.connection === "stopped" || state.connection === "closed") text = "disconnected";
+  else if (state.paused) text = "paused";
+  else if (matchMedia("(pointer: coarse)").matches) text = "Hold the keys below to move";
+  else if (document.pointerLockElement !== canvas) text = "Click the picture to capture the mouse";
+  stageNote.textContent = text;
+}
+
+function timestamp() {
+  return new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-");
+}
