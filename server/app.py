@@ -31,6 +31,7 @@ from server.engine_worker import EngineWorker
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode
+from server.session import Chunk, Session
 from server.sessions import SessionManager
 from server.settings import ServerSettings
 
@@ -95,12 +96,12 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format)
         metrics = Metrics()
-        manager: SessionManager | None = None
+        manager: SessionManager | None = None  # made once the engines exist; no session reaches it before
 
-        def on_chunk(session, chunk):
+        def on_chunk(session: Session, chunk: Chunk) -> None:
             manager.on_chunk(session, chunk)
 
-        def on_failure(session, message):
+        def on_failure(session: Session, message: str) -> None:
             manager.on_failure(session, message)
 
         worker = EngineWorker(metrics, on_chunk, on_failure)
