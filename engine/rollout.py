@@ -154,9 +154,9 @@ def run_rollout(
             frames.append(frame)
             if write_frames:
                 Image.fromarray(frame).save(out / "frames" / f"{len(frames) - 1:06d}.png")
-    _contact_sheet(frames).save(out / "contact_sheet.png")
+    contact_sheet(frames).save(out / "contact_sheet.png")
     if write_gif:
-        _save_gif(frames, out / "rollout.gif", fps)
+        save_gif(frames, out / "rollout.gif", fps)
     if write_npy:
         np.save(out / "frames.npy", np.stack(frames))  # (T, H, W, 3) uint8
     save_actions(out / "actions.json", actions[: len(frames)])
@@ -189,7 +189,7 @@ def run_rollout(
     return stats
 
 
-def _contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 64, scale: int = 2) -> Image.Image:
+def contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 64, scale: int = 2) -> Image.Image:
     picks = np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)
     h, w, _ = frames[0].shape
     rows = -(-len(picks) // columns)
@@ -201,7 +201,7 @@ def _contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 6
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def _save_gif(frames: Sequence[np.ndarray], path: Path, fps: float, scale: int = 4) -> None:
+def save_gif(frames: Sequence[np.ndarray], path: Path, fps: float, scale: int = 4) -> None:
     h, w, _ = frames[0].shape
     images = [Image.fromarray(f).resize((w * scale, h * scale), Image.NEAREST) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
