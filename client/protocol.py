@@ -130,6 +130,7 @@ class Hello(_Message):
     protocol: int
     token: str | None = Field(None, max_length=512)
     mode: Literal["realtime", "lockstep"] = "realtime"
+    world: Literal["model", "game"] = "model"  # the world model, or the reference game it was trained on
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, lt=2**63)
     init_frame: bytes | None = None  # JPEG of the announced frame size: the world starts from this picture
@@ -227,6 +228,7 @@ class Welcome(_Message):
     resume_token: str
     resumed: bool  # True: this continues an existing world (frame index and settings as they were)
     paused: bool  # the world is paused (a resumed session keeps its pause)
+    world: Literal["model", "game"]
     mode: Literal["realtime", "lockstep"]
     frame: FrameSpec
     actions: dict[str, Any]  # the engine's action spec: keys, mouse scale, tensor layout

@@ -174,6 +174,7 @@ class WorldClient:
         url: str,
         *,
         mode: Mode = "realtime",
+        world: Literal["model", "game"] = "model",
         prompt: str = "",
         seed: int | None = None,
         fps: float | None = None,
@@ -186,17 +187,19 @@ class WorldClient:
     ) -> _Connecting:
         """Open a session: hello, then welcome. `await WorldClient.connect(...)` or `async with ...connect(...)`.
 
-        `init_frame` is a uint8 (H, W, 3) picture of the server's frame size (or its JPEG). `resume=True` resumes
-        the session automatically after a dropped connection. `frame_buffer` is how many realtime frames are kept
-        unread before the oldest is dropped. A refusal raises its typed `WorldError` (`ServerFull`,
-        `AuthenticationFailed`, `UnknownAttention`, ...); a network failure raises `ConnectionLost`; a bad
-        argument raises ValueError at once.
+        `world="game"` plays the reference game the model was trained on instead of the model (no attention, no
+        init frame). `init_frame` is a uint8 (H, W, 3) picture of the server's frame size (or its JPEG).
+        `resume=True` resumes the session automatically after a dropped connection. `frame_buffer` is how many
+        realtime frames are kept unread before the oldest is dropped. A refusal raises its typed `WorldError`
+        (`ServerFull`, `AuthenticationFailed`, `UnknownAttention`, ...); a network failure raises `ConnectionLost`;
+        a bad argument raises ValueError at once.
         """
         hello = p.Hello(
             type="hello",
             protocol=p.PROTOCOL_VERSION,
             token=token,
             mode=mode,
+            world=world,
             prompt=prompt,
             seed=seed,
             init_frame=None if init_frame is None else encode_init_frame(init_frame),

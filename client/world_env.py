@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -60,6 +60,7 @@ class WorldEnv(gym.Env[np.ndarray, dict[str, np.ndarray]]):
         url: str,
         *,
         prompt: str = "",
+        world: Literal["model", "game"] = "model",
         attention: str | None = None,
         token: str | None = None,
         max_episode_steps: int = 1000,
@@ -88,7 +89,7 @@ class WorldEnv(gym.Env[np.ndarray, dict[str, np.ndarray]]):
         try:
             self.client: WorldClient = self._run(
                 WorldClient.connect(
-                    url, mode="lockstep", prompt=prompt, attention=attention, token=token, resume=resume
+                    url, mode="lockstep", world=world, prompt=prompt, attention=attention, token=token, resume=resume
                 )
             )
         except BaseException:

@@ -28,6 +28,7 @@ from engine import ATTENTION_PRESETS, IDLE, WorldEngine, load_config, with_overr
 from server.connection import Connection
 from server.encoder import FrameEncoder
 from server.engine_worker import EngineWorker
+from server.game_worlds import GAME, GameWorlds
 from server.logs import configure_logging
 from server.metrics import Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode
@@ -45,7 +46,7 @@ ORIGIN_REFUSED = 4003  # close before accepting: the client sees the handshake r
 @dataclass
 class ServerState:
     settings: ServerSettings
-    engines: dict[str, WorldEngine]
+    engines: dict[str, WorldEngine | GameWorlds]  # attention configuration -> engine, and "game" -> the game
     default_attention: str
     metrics: Metrics
     worker: EngineWorker
@@ -114,7 +115,8 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             base = engine if engine is not None else build_engine(settings)
             engines, default = attention_engines(base, settings.attention_presets)
             warm_up(engines, settings.warmup_steps)
-            return engines, default
+            model = base.config.model
+            return {**engines, GAME: GameWorlds(model.frame_height, model.frame_width, model.chunk_frames)}, default
 
         try:
             engines, default = await asyncio.wrap_future(worker.call(load))
@@ -132,7 +134,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             "ready",
             extra={
                 "device": str(base.device),
-                "attention": list(engines),
+                "attention": [name for name in engines if name != GAME],
                 "warmup_s": round(time.monotonic() - started, 2),
             },
         )
@@ -191,7 +193,8 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             "chunk_frames": model.chunk_frames,
             "fps": {"default": s.default_fps, "max": s.max_fps},
             "actions": base.action_space.spec(),
-            "attention": {"default": state.default_attention, "choices": list(state.engines)},
+            "attention": {"default": state.default_attention, "choices": state.manager.attention_choices},
+            "worlds": ["model", "game"],
             "limits": state.manager.welcome_limits().model_dump(),
             "sessions": state.manager.info(),
             "token_required": s.token is not None,

@@ -18,6 +18,7 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from engine import WorldEngine
+from server.game_worlds import GameWorlds
 from server.metrics import Metrics
 from server.session import Chunk, Order, Session
 
@@ -34,8 +35,9 @@ class EngineWorker:
         on_chunk: Callable[[Session, Chunk], None],
         on_failure: Callable[[Session, str], None],
     ) -> None:
-        # attention configuration name -> engine, all sharing one model; built by a job on this thread, then set
-        self.engines: dict[str, WorldEngine] = {}
+        # attention configuration name -> engine, all sharing one model, plus "game" -> the reference game; built
+        # by a job on this thread, then set
+        self.engines: dict[str, WorldEngine | GameWorlds] = {}
         self._metrics = metrics
         self._on_chunk = on_chunk
         self._on_failure = on_failure
@@ -143,8 +145,8 @@ class EngineWorker:
                         attention=attention,
                         queue_ms=max(0.0, (started - order.due_at) * 1e3),
                         step_ms=step_s * 1e3,
-                        cache_slots=sum(world.cache.tokens_per_layer()),
-                        cache_bytes=world.cache.nbytes,
+                        cache_slots=sum(world.cache.tokens_per_layer()) if world.cache is not None else 0,
+                        cache_bytes=world.cache.nbytes if world.cache is not None else 0,
                         lockstep=order.session.mode == "lockstep",
                     ),
                 )

@@ -19,6 +19,7 @@ import numpy as np
 
 from server.encoder import FrameEncoder
 from server.engine_worker import EngineWorker
+from server.game_worlds import GAME
 from server.metrics import Metrics
 from server.protocol import (
     PROTOCOL_VERSION,
@@ -59,6 +60,7 @@ class SessionManager:
         self.encoder = encoder
         self.metrics = metrics
         self.default_attention = default_attention
+        self.attention_choices = [name for name in worker.engines if name != GAME]
         self.admitting = True
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
@@ -126,14 +128,19 @@ class SessionManager:
             given = (hello.token or "").encode()
             if not hmac.compare_digest(given, expected.get_secret_value().encode()):
                 raise ProtocolError(ErrorCode.BAD_TOKEN, "missing or wrong token")
-        if hello.attention is not None and hello.attention not in self.worker.engines:
+        if hello.attention is not None and hello.attention not in self.attention_choices:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_ATTENTION,
-                f"unknown attention {hello.attention!r}; choose from {', '.join(self.worker.engines)}",
+                f"unknown attention {hello.attention!r}; choose from {', '.join(self.attention_choices)}",
             )
+        if hello.world == "game" and hello.resume_token is None:
+            if hello.attention is not None:
+                raise ProtocolError(ErrorCode.BAD_HELLO, "the game has no attention configuration; leave it out")
+            if hello.init_frame is not None:
+                raise ProtocolError(ErrorCode.BAD_INIT_FRAME, "the game starts in its own maze; it takes no init frame")
 
     async def _open(self, hello: Hello) -> Session:
-        attention = hello.attention or self.default_attention
+        attention = GAME if hello.world == "game" else hello.attention or self.default_attention
         seed = hello.seed if hello.seed is not None else secrets.randbelow(2**31)
         init = await self._init_frames(hello.init_frame, fatal=True)
         engine = self.worker.engines[attention]
@@ -191,6 +198,7 @@ class SessionManager:
             resume_token=session.resume_token,
             resumed=resumed,
             paused=session.paused,
+            world="game" if session.attention == GAME else "model",
             mode=session.mode,
             frame=FrameSpec(height=height, width=width),
             actions=self._action_spec,
@@ -198,7 +206,7 @@ class SessionManager:
             fps=session.fps,
             frame_index=session.world.frame_index,
             attention=session.attention,
-            attention_choices=list(self.worker.engines),
+            attention_choices=[] if session.attention == GAME else self.attention_choices,
             prompt=session.prompt,
             seed=session.seed,
             heartbeat_s=self.settings.heartbeat_s,
@@ -223,15 +231,19 @@ class SessionManager:
     async def reset(self, session: Session, message: Reset) -> None:
         seed = message.seed if message.seed is not None else session.seed
         prompt = message.prompt if message.prompt is not None else session.prompt
+        if session.attention == GAME and message.init_frame is not None:
+            raise ProtocolError(ErrorCode.BAD_INIT_FRAME, "the game starts in its own maze", fatal=False)
         init = await self._init_frames(message.init_frame, fatal=False)
         await self._new_world(session, session.attention, prompt, seed, init)
 
     async def set_attention(self, session: Session, attention: str) -> None:
         """Continue under another attention configuration: a new cache seeded with the frames shown last."""
-        if attention not in self.worker.engines:
+        if session.attention == GAME:
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, "a game session has no attention configuration")
+        if attention not in self.attention_choices:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_ATTENTION,
-                f"unknown attention {attention!r}; choose from {', '.join(self.worker.engines)}",
+                f"unknown attention {attention!r}; choose from {', '.join(self.attention_choices)}",
                 fatal=False,
             )
         recent = list(session.recent_frames)

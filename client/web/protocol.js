@@ -109,12 +109,15 @@ export function reconnectAdvice(code) {
 // ---- client -> server builders. Optional fields left undefined are not sent (the server's default applies).
 
 /** A new session, or (with `resumeToken`) the continuation of one; the server then ignores the other fields. */
-export function hello({ prompt, seed, fps, attention, token, resumeToken, initFrame, mode = "realtime" } = {}) {
+export function hello({
+  prompt, seed, fps, attention, token, resumeToken, initFrame, mode = "realtime", world = "model",
+} = {}) {
   return {
     type: "hello",
     protocol: PROTOCOL_VERSION,
     token,
     mode,
+    world,
     prompt,
     seed,
     init_frame: initFrame,

@@ -116,6 +116,7 @@ def test_server_messages_are_what_the_client_reads() -> None:
             resume_token="tok",
             resumed=False,
             paused=False,
+            world="model",
             mode="lockstep",
             frame=s.FrameSpec(height=64, width=64),
             actions={"keys": ["KeyW"], "mouse": {"scale_px": 20.0, "range": [-1.0, 1.0]}},

@@ -1,0 +1,55 @@
+"""The reference game (engine/game) as a world a session can play: `world: "game"` in hello.
+
+`GameWorlds` has the part of `WorldEngine`'s interface that the engine worker and the session manager use
+(`new_world`, `set_prompt`, `step`, `chunk_frames`), so a game session is scheduled, streamed and controlled exactly
+like a model session, through the same protocol: agents can train on the real game, and people can compare it with
+the model under the same actions. The game has no KV cache and no attention configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from engine.game import Game
+
+from engine import Action
+
+GAME = "game"  # the name game sessions carry where model sessions name their attention configuration
+
+
+class GameWorld:
+    """One session's game: the maze, the player and the frame count. Mutated only on the engine thread."""
+
+    cache = None  # no KV cache: the game keeps its whole state exactly
+
+    def __init__(self, game: Game, seed: int) -> None:
+        self.game = game
+        self.seed = seed
+
+    @property
+    def prompt(self) -> str:
+        return self.game.prompt
+
+    @property
+    def frame_index(self) -> int:
+        return self.game.frame_index
+
+
+class GameWorlds:
+    def __init__(self, height: int, width: int, chunk_frames: int) -> None:
+        self.height, self.width = height, width
+        self.chunk_frames = chunk_frames
+
+    def new_world(self, prompt: str = "", seed: int = 0, init_frames: np.ndarray | None = None) -> GameWorld:
+        if init_frames is not None:
+            raise ValueError("the game starts in its own maze; it takes no init frame")
+        return GameWorld(Game(seed=seed, prompt=prompt, height=self.height, width=self.width), seed)
+
+    def set_prompt(self, world: GameWorld, prompt: str) -> None:
+        """Re-theme the same maze; the player stays where it is."""
+        world.game.set_prompt(prompt)
+
+    def step(self, worlds: Sequence[GameWorld], actions: Sequence[Action]) -> list[list[np.ndarray]]:
+        """Advance each game by one chunk under its action; per world, the chunk's uint8 (H, W, 3) frames."""
+        return [[world.game.step(action) for _ in range(self.chunk_frames)] for world, action in zip(worlds, actions)]
