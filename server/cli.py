@@ -4,6 +4,8 @@ worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions 
 worldserve bench rollout --config configs/default.yaml --configs dense,window --frames 300 --out bench/
 worldserve bench serve --config configs/default.yaml --sessions 4 --seconds 10 --out bench-serve/
 worldserve serve --config configs/default.yaml --host 127.0.0.1 --port 8000
+worldserve game --prompt "icy cave" --seed 0 --frames 256 --policy human --out game/
+worldserve data --out data/ --train-episodes 512 --heldout-episodes 48 --frames 128
 """
 
 from __future__ import annotations
@@ -150,6 +152,115 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_game(args: argparse.Namespace) -> int:
+    import json
+
+    from PIL import Image
+
+    from engine.game import THEMES, Game, HumanPolicy, benchmark, play
+    from engine.rollout import contact_sheet, save_actions, save_gif
+
+    if args.bench:
+        print(f"game fps at {args.size}x{args.size}, {args.frames} frames per theme (Game.step: update + render):")
+        for name in THEMES:
+            result = benchmark(args.frames, args.size, args.size, args.seed, name)
+            print(
+                f"  {name:18s} {result['fps']:8.1f} fps | {result['ms_median']:.3f} ms median, "
+                f"{result['ms_p99']:.3f} ms p99 | {result['fps_with_policy']:8.1f} fps with the human policy"
+            )
+        return 0
+    if args.out is None:
+        raise ValueError("--out is required (unless --bench)")
+    game = Game(args.seed, args.prompt, args.size, args.size)
+    if args.policy == "human":
+        act = HumanPolicy(args.seed).act
+    else:
+        scripted = iter(random_actions(args.frames, args.seed))
+        act = lambda _game: next(scripted)  # noqa: E731
+    episode = play(game, act, args.frames)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.no_png:
+        (out / "frames").mkdir(exist_ok=True)
+        for t, frame in enumerate(episode.frames):
+            Image.fromarray(frame).save(out / "frames" / f"{t:06d}.png")
+    contact_sheet(episode.frames).save(out / "contact_sheet.png")
+    save_gif(episode.frames, out / "rollout.gif", 15.0)
+    save_actions(out / "actions.json", episode.actions)
+    visited = {(int(x), int(y)) for x, y in episode.poses[:, :2]}
+    summary = {
+        "frames": args.frames,
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "theme": game.theme.name,
+        "policy": args.policy,
+        "size": [args.size, args.size],
+        "fps": round(episode.fps, 1),
+        "step_ms_mean": round(1e3 * episode.step_seconds / args.frames, 4),
+        "policy_ms_mean": round(1e3 * episode.policy_seconds / args.frames, 4),
+        "blocked_frames": episode.blocked_frames,
+        "tiles_visited": len(visited),
+        "open_tiles": int((game.maze.tiles == 0).sum()),
+    }
+    frames = [
+        {"frame": t, "x": round(x, 4), "y": round(y, 4), "heading": round(heading, 5), "eye": round(eye, 4)}
+        for t, (x, y, heading, eye) in enumerate(episode.poses.tolist())
+    ]
+    (out / "stats.json").write_text(json.dumps({"summary": summary, "frames": frames}, indent=1) + "\n")
+    print(
+        f"wrote {args.frames} frames to {out} | theme {summary['theme']} | policy {args.policy} | "
+        f"game {summary['fps']:.0f} fps ({summary['step_ms_mean']:.3f} ms/frame, update + render)"
+    )
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from engine.dataset import write_dataset
+
+    config = load_config(args.config)
+    model = config.model
+    size = (args.size, args.size) if args.size is not None else (model.frame_height, model.frame_width)
+    workers = args.workers if args.workers is not None else os.cpu_count() or 1
+    command = (
+        f"worldserve data --out {args.out} --train-episodes {args.train_episodes} "
+        f"--heldout-episodes {args.heldout_episodes} --frames {args.frames} --size {size[0]} "
+        f"--shard-episodes {args.shard_episodes} --seed {args.seed} --config {args.config}"
+    )
+    began = time.perf_counter()
+
+    def progress(shard, done: int, total: int) -> None:
+        print(
+            f"[{done}/{total}] {shard.file}: {shard.episodes} episodes, {shard.frames} frames, "
+            f"{shard.bytes / 1e6:.1f} MB | {time.perf_counter() - began:.1f} s",
+            flush=True,
+        )
+
+    summary = write_dataset(
+        args.out,
+        train_episodes=args.train_episodes,
+        heldout_episodes=args.heldout_episodes,
+        frames=args.frames,
+        size=size,
+        key_names=model.actions.keys,
+        mouse_scale=model.actions.mouse_scale,
+        shard_episodes=args.shard_episodes,
+        seed=args.seed,
+        workers=workers,
+        command=command,
+        progress=progress,
+    )
+    print(
+        f"wrote {summary.episodes} episodes ({args.train_episodes} train, {args.heldout_episodes} held-out) of "
+        f"{args.frames} frames at {size[0]}x{size[1]} to {args.out} | {summary.frames} frames, "
+        f"{summary.bytes / 1e6:.1f} MB on disk, {summary.bytes_per_frame:.0f} bytes/frame | "
+        f"{summary.fps:.0f} frames/s recorded in {summary.seconds:.1f} s with {workers} worker(s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldserve", description="Interactive world-model game-engine server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +326,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
     _add_set_argument(serve, "override any config key, e.g. --set cache.policy=window (repeatable)")
     serve.set_defaults(run=cmd_serve)
+
+    game = commands.add_parser(
+        "game", help="play the reference game (a raycast maze) with a policy and write the episode, or --bench it"
+    )
+    game.add_argument("--prompt", default="red brick dungeon", help="theme prompt (default: %(default)r)")
+    game.add_argument("--seed", type=int, default=0, help="maze and policy seed (default: %(default)s)")
+    game.add_argument("--frames", type=_positive, default=256, help="frames to play (default: %(default)s)")
+    game.add_argument(
+        "--policy", choices=["human", "random"], default="human", help="who plays: HumanPolicy or sticky random"
+    )
+    game.add_argument("--size", type=_positive, default=64, help="frame height and width in px (default: 64)")
+    game.add_argument("--out", type=Path, help="output folder (the layout of `worldserve rollout`)")
+    game.add_argument("--no-png", action="store_true", help="skip the per-frame PNGs (long runs)")
+    game.add_argument(
+        "--bench", action="store_true", help="measure frames per second for each theme over --frames frames instead"
+    )
+    game.set_defaults(run=cmd_game)
+
+    data = commands.add_parser(
+        "data", help="record the reference game played by a human-like policy: a train and a held-out split in shards"
+    )
+    data.add_argument("--out", type=Path, required=True, help="output folder (new or empty; docs/dataset.md)")
+    data.add_argument("--train-episodes", type=int, default=512, help="training episodes (default: %(default)s)")
+    data.add_argument(
+        "--heldout-episodes", type=int, default=48, help="held-out episodes (default: %(default)s, 8 per theme)"
+    )
+    data.add_argument("--frames", type=int, default=128, help="frames per episode (default: %(default)s)")
+    data.add_argument("--size", type=int, help="frame height and width in px (default: the config's frame size)")
+    data.add_argument("--shard-episodes", type=int, default=64, help="episodes per shard (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="training stream seed (default: %(default)s)")
+    data.add_argument("--workers", type=int, help="recording processes (default: one per CPU core)")
+    data.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="config giving key names and frame size (default: %(default)s)",
+    )
+    data.set_defaults(run=cmd_data)
 
     config = commands.add_parser("config", help="print the resolved config and its derived sizes")
     _add_config_arguments(config)
