@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from engine.game import Game
 
 from engine import Action
+from engine.game import Game
 
 GAME = "game"  # the name game sessions carry where model sessions name their attention configuration
 
