@@ -2,6 +2,9 @@
 //
 // URL parameters (all optional): ?token= (kept in sessionStorage, then removed from the address bar), ?prompt=,
 // ?seed=, ?attention=, ?fps=. `window.worldserve.state` mirrors what the page shows, for tests and the console.
+//
+// "Compare with the game" opens a second connection (`world: "game"`, the model session's seed, prompt and fps)
+// that gets every input and every reset, prompt and pause the model session gets; its frames go to a second canvas.
 
 import { Connection } from "./connection.js";
 import { Controls } from "./controls.js";
@@ -56,6 +59,8 @@ const state = {
   latencyMs: null,
   lastSeqSent: null,
   closes: [], // the last closes: {code, advice, error (its code), reason}
+  compare: false, // "Compare with the game" is on
+  game: { connection: "idle", sessionId: null, frameIndex: null, framesReceived: 0, framesShown: 0, lastSeqSent: null },
   get message() {
     return status.last; // what the banner says: {kind, code, text}, or null
   },
@@ -79,28 +84,41 @@ const view = new View(canvas, (frame, shownAt) => {
 
 const input = new Input(canvas, () => {
   legend.update();
-  const seq = connection.sendAction(input.take());
+  const taken = input.take();
+  const seq = connection.sendAction(taken);
   if (seq !== null) state.lastSeqSent = seq;
+  if (state.compare) {
+    const gameSeq = game.sendAction(taken); // the same input, under the game connection's own seq
+    if (gameSeq !== null) state.game.lastSeqSent = gameSeq;
+  }
 });
 const legend = new Legend($("keys"), $("mouse-note"), input);
 
 const controls = new Controls(document.querySelector(".panel"), {
   setPrompt(prompt) {
-    connection.send(protocol.setPrompt(prompt));
+    if (!connection.send(protocol.setPrompt(prompt))) return;
     remember({ prompt });
+    world.prompt = prompt;
+    gameSend(protocol.setPrompt(prompt));
   },
   reset(seed) {
-    if (!connection.send(protocol.reset({ seed })) || seed === undefined) return;
-    remember({ seed });
-    hud.set("seed", seed);
+    if (!connection.send(protocol.reset({ seed }))) return;
+    if (seed !== undefined) {
+      remember({ seed });
+      hud.set("seed", seed);
+      world.seed = seed;
+    }
+    gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
   },
   pause() {
     connection.send(protocol.pause());
+    gameSend(protocol.pause());
     state.paused = true;
     note();
   },
   resume() {
     connection.send(protocol.resume());
+    gameSend(protocol.resume());
     state.paused = false;
     note();
   },
@@ -144,6 +162,10 @@ const connection = new Connection({
       note();
     },
     welcome(welcome) {
+      const fresh = !welcome.resumed && world.seed !== null; // a new world after the first: the game follows it
+      Object.assign(world, { seed: welcome.seed, prompt: welcome.prompt, fps: welcome.fps });
+      if (fresh) gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
+      if (state.compare) game.start(); // waited for this welcome (seed, prompt and fps)
       Object.assign(state, {
         sessionId: welcome.session_id,
         sessions: state.sessions + 1,
@@ -198,13 +220,112 @@ const connection = new Connection({
   },
 });
 
+// ---- Compare with the game: a second session, `world: "game"`, played with the same input
+
+const world = { seed: null, prompt: "", fps: undefined }; // the model session's world, which the game copies
+const GAME = "game: "; // the banner's prefix for what the game connection says
+let gameAsked = {}; // the seed and prompt of the game's last hello
+const stage = $("stage");
+const gamePane = $("game-pane");
+const gameHud = $("hud-game");
+const compareBox = $("compare");
+
+const gameView = new View($("game-screen"), () => {
+  state.game.framesShown += 1;
+});
+
+const game = new Connection({
+  url: wsUrl(),
+  infoUrl: new URL("api/info", location.href).href,
+  storageKey: "worldserve.resume_token.game",
+  helloFields: () => {
+    gameAsked = { seed: world.seed, prompt: world.prompt };
+    return {
+      world: "game",
+      prompt: world.prompt,
+      seed: world.seed ?? undefined,
+      fps: world.fps,
+      token: sessionStorage.getItem(TOKEN_KEY) ?? undefined,
+    };
+  },
+  on: {
+    state(name) {
+      state.game.connection = name;
+    },
+    welcome(welcome) {
+      Object.assign(state.game, { sessionId: welcome.session_id, frameIndex: null });
+      gameView.clear();
+      gameView.configure({
+        width: welcome.frame.width,
+        height: welcome.frame.height,
+        fps: welcome.fps,
+        chunkFrames: welcome.chunk_frames,
+      });
+      status.hideIf(GAME);
+      if (welcome.seed !== world.seed || (!welcome.resumed && gameAsked.prompt !== world.prompt)) {
+        game.send(protocol.reset({ seed: world.seed, prompt: world.prompt })); // the model's world moved on meanwhile
+      }
+      if (state.paused !== welcome.paused) game.send(state.paused ? protocol.pause() : protocol.resume());
+      const seq = game.sendAction(input.current(), false); // what is held now
+      if (seq !== null) state.game.lastSeqSent = seq;
+    },
+    frame(frame) {
+      state.game.framesReceived += 1;
+      state.game.frameIndex = frame.index;
+      hud.set("game_frame", frame.index);
+      gameView.push(frame);
+    },
+    pong() {},
+    error(message) {
+      status.error(message, GAME);
+    },
+    closed(info) {
+      status.closed(info, GAME);
+    },
+  },
+});
+
+function gameSend(message) {
+  if (state.compare) game.send(message);
+}
+
+function setCompare(on) {
+  state.compare = on;
+  compareBox.checked = on;
+  stage.classList.toggle("compare", on);
+  gamePane.hidden = !on;
+  gameHud.hidden = !on;
+  if (on) {
+    if (world.seed !== null) game.start(); // else on the model's welcome
+  } else {
+    game.stop("compare off"); // 1000: the game session ends at once
+    gameView.clear();
+    hud.set("game_frame", undefined);
+    state.game.frameIndex = null;
+    status.hideIf(GAME);
+  }
+}
+
+compareBox.checked = false; // off on every load (a reload may restore the box's old state)
+compareBox.addEventListener("change", () => {
+  setCompare(compareBox.checked);
+  compareBox.blur(); // back to the game: Space would toggle it again
+});
+
 // ---- the page's life: done when it goes away; a page restored from the back/forward cache starts again
 
-window.addEventListener("pagehide", () => connection.stop());
-window.addEventListener("pageshow", (event) => event.persisted && connection.start());
+window.addEventListener("pagehide", () => {
+  connection.stop();
+  game.stop();
+});
+window.addEventListener("pageshow", (event) => {
+  if (!event.persisted) return;
+  connection.start();
+  if (state.compare && world.seed !== null) game.start();
+});
 document.addEventListener("pointerlockchange", note);
 
-window.worldserve = { state, protocol, connection };
+window.worldserve = { state, protocol, connection, game };
 connection.start();
 
 // ---- helpers

@@ -19,9 +19,11 @@ export class Connection {
    * @param {() => object} options.helloFields  {prompt, seed, fps, attention, token} for a fresh hello
    * @param {object} options.on  callbacks: state(name, detail), welcome(msg), frame(msg), pong(msg, rttMs),
    *   error(msg) for non-fatal errors, closed(info) when it stops or waits: {code, advice, error, retryInMs}
+   * @param {string} [options.storageKey]  the sessionStorage key of the resume token (one per connection of a page)
    */
-  constructor({ url, infoUrl, helloFields, on }) {
+  constructor({ url, infoUrl, helloFields, on, storageKey = TOKEN_KEY }) {
     this.url = url;
+    this.storageKey = storageKey;
     this.infoUrl = infoUrl;
     this.helloFields = helloFields;
     this.on = on;
@@ -43,11 +45,11 @@ export class Connection {
   }
 
   get resumeToken() {
-    return sessionStorage.getItem(TOKEN_KEY);
+    return sessionStorage.getItem(this.storageKey);
   }
 
   forget() {
-    sessionStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(this.storageKey);
   }
 
   /** Connect (resuming the stored session if there is one); a no-op while a socket is open or opening. */
@@ -110,7 +112,8 @@ export class Connection {
     const token = this.resumeToken;
     let fields;
     if (token) {
-      fields = { token: this.helloFields().token, resumeToken: token };
+      const { token: accessToken, world } = this.helloFields();
+      fields = { token: accessToken, world, resumeToken: token };
     } else {
       // A fresh hello: /api/info says whether the server is up, needs a token, and knows the attention we ask for.
       let info;
@@ -158,7 +161,7 @@ export class Connection {
       case "welcome":
         this.welcome = message;
         this.attempts = 0;
-        sessionStorage.setItem(TOKEN_KEY, message.resume_token);
+        sessionStorage.setItem(this.storageKey, message.resume_token);
         this._setState("open", message.resumed ? "resumed" : "new");
         this._startHeartbeat(message.heartbeat_s);
         this.on.welcome(message);

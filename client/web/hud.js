@@ -95,6 +95,7 @@ export class Hud {
     this._show("encode", v.encode_ms, ms(v.encode_ms));
     this._show("queue", v.queue_ms, ms(v.queue_ms));
     this._show("frame", v.frame, v.frame ?? "–");
+    this._show("game_frame", v.game_frame, v.game_frame ?? "–"); // Compare with the game
     const cache = v.cache_slots === undefined ? "–" : `${v.cache_slots} slots · ${bytes(v.cache_bytes)}`;
     this._show("cache", v.cache_slots, cache);
     this._show("attention", v.attention, v.attention ? attentionLabel(v.attention) : "–");

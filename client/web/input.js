@@ -44,6 +44,11 @@ export class Input {
     return input;
   }
 
+  /** The keys and buttons held now, without taking the motion (for a second connection that joins). */
+  current() {
+    return { keys: [...this.held], dx: 0, dy: 0, buttons: this.buttons };
+  }
+
   /** Drop motion made while nothing could be sent (disconnected). Held keys stay: they are state. */
   discardMotion() {
     this.dx = this.dy = 0;

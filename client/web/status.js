@@ -69,8 +69,9 @@ export class Status {
     if (resumed) this.show("info", "", "Reconnected: the world went on where it was", 3000);
   }
 
-  /** The connection closed: say why and what happens next (see Connection's `closed` callback). */
-  closed({ code, advice, error, retryInMs, reason }) {
+  /** The connection closed: say why and what happens next (see Connection's `closed` callback). `prefix` names
+   * another connection than the page's own (the game's, "game: "). */
+  closed({ code, advice, error, retryInMs, reason }, prefix = "") {
     let text;
     if (reason === "unreachable") text = "The server cannot be reached";
     else if (reason === "token_required") text = "This server needs an access token";
@@ -84,18 +85,18 @@ export class Status {
     const what = error?.code || reason || String(code);
     if (retryInMs === null) {
       const token = reason === "token_required" || error?.code === ErrorCode.BAD_TOKEN; // the token form connects
-      this.show("error", what, `${text}${token ? ": enter it below" : "."}`, 0, !token);
+      this.show("error", what, `${prefix}${text}${token ? ": enter it below" : "."}`, 0, !token && !prefix);
     } else {
       const when = retryInMs < 500 ? "…" : ` in ${(retryInMs / 1000).toFixed(1)} s…`;
-      this.show("warn", what, `${text}. ${ADVICE_TEXT[advice]}${when}`);
+      this.show("warn", what, `${prefix}${text}. ${ADVICE_TEXT[advice]}${when}`);
     }
   }
 
   /** A non-fatal error: the message it answers had no effect; the session goes on. */
-  error(message) {
+  error(message, prefix = "") {
     const text =
       message.code === ErrorCode.RATE_LIMITED ? "Input is being sent too fast: some was dropped" : message.message;
-    this.show("info", message.code, text, 4000);
+    this.show("info", message.code, prefix + text, 4000);
   }
 
   show(kind, code, text, hideAfterMs = 0, retry = false) {
@@ -107,6 +108,11 @@ export class Status {
     this.retry.hidden = !retry;
     this.banner.hidden = false;
     if (hideAfterMs) this.hideTimer = setTimeout(() => this.hide(), hideAfterMs);
+  }
+
+  /** Hide the banner if it speaks of the connection named by `prefix` (that one is open again). */
+  hideIf(prefix) {
+    if (this.last?.text.startsWith(prefix)) this.hide();
   }
 
   hide() {

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from engine import WorldEngine
+from server.game_worlds import GameWorlds
 from server.protocol import CLIENT_TYPES, FATAL, RECONNECT, ClientMessage, CloseCode, ErrorCode, ServerMessage
 from tests.conftest import write_config
 from tests.server.conftest import DEFAULT_CONFIG, run_server
@@ -175,11 +176,11 @@ async def frames_stop(page: Any, quiet_s: float = 1.0, timeout_s: float = 20.0) 
     return received
 
 
-async def canvas_pixels(page: Any) -> list[int]:
-    """An 8x8 grid of the canvas's RGB values (what was drawn last)."""
+async def canvas_pixels(page: Any, canvas: str = "screen") -> list[int]:
+    """An 8x8 grid of the RGB values of the canvas with id `canvas` (what was drawn last)."""
     return await page.evaluate(
-        """() => {
-            const c = document.getElementById("screen");
+        """(id) => {
+            const c = document.getElementById(id);
             const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
             const out = [];
             for (let y = 0; y < 8; y++) for (let x = 0; x < 8; x++) {
@@ -187,7 +188,8 @@ async def canvas_pixels(page: Any) -> list[int]:
                 out.push(data[i], data[i + 1], data[i + 2]);
             }
             return out;
-        }"""
+        }""",
+        canvas,
     )
 
 
@@ -294,6 +296,62 @@ async def test_controls_reach_the_server_and_a_clip_downloads(tiny_config_file: 
 
 
 @browser_test
+async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
+    tiny_config_file: Path, applied_keys: list[frozenset[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    game_keys: list[frozenset[str]] = []
+    step = GameWorlds.step
+
+    def recording_step(self: GameWorlds, worlds: Any, actions: Any) -> Any:
+        game_keys.extend(action.keys for action in actions)
+        return step(self, worlds, actions)
+
+    monkeypatch.setattr(GameWorlds, "step", recording_step)
+    async with run_server(None, tiny_config_file) as server, chromium() as browser:
+        page = await open_page(browser, f"{server.http}/?seed=5&prompt=an%20icy%20cave")
+        await until(page, "s.connection === 'open' && s.framesShown >= 2")
+        assert not await page.is_visible("#game-screen"), "off by default"
+        (model,) = server.state.manager.sessions.values()
+
+        await page.check("#compare")
+        await until(page, "s.game.connection === 'open' && s.game.framesShown >= 2 && hud('game_frame') !== ''")
+        assert len(set(await canvas_pixels(page, "game-screen"))) > 1, "the game's canvas is blank"
+        (game,) = [s for s in server.state.manager.sessions.values() if s.attention == "game"]
+        assert (game.seed, game.prompt, game.fps) == (model.seed, model.prompt, model.fps)
+        assert (game.seed, game.prompt) == (5, "an icy cave")
+        assert await page.get_attribute("#game-screen", "data-frame-width") == "16"
+
+        model_first, game_first = int(await hud(page, "frame")), int(await hud(page, "game_frame"))
+        await page.keyboard.down("KeyW")
+        await eventually(lambda: any("KeyW" in keys for keys in applied_keys))
+        await eventually(lambda: any("KeyW" in keys for keys in game_keys))
+        await until(
+            page,
+            "Number(hud('frame')) > arg[0] + 2 && Number(hud('game_frame')) > arg[1] + 2",
+            [model_first, game_first],
+        )
+        await page.keyboard.up("KeyW")
+        assert (await state(page))["game"]["lastSeqSent"] >= 2  # its own seq: the input on connecting, then W
+
+        await page.fill("#seed", "9")
+        await page.click("#reset")  # reset applies to both
+        await eventually(lambda: model.seed == 9 and game.seed == 9)
+        await page.fill("#prompt", "a red room")
+        await page.press("#prompt", "Enter")  # so does a new prompt
+        await eventually(lambda: model.prompt == game.prompt == "a red room")
+        await page.click("#pause")
+        await eventually(lambda: model.paused and game.paused)
+        await page.click("#pause")
+        await eventually(lambda: not model.paused and not game.paused)
+
+        await page.uncheck("#compare")  # closes with 1000: the game session ends at once
+        await eventually(lambda: list(server.state.manager.sessions.values()) == [model])
+        assert not await page.is_visible("#game-screen")
+        assert (await state(page))["game"]["connection"] == "closed"
+        assert page.script_errors == []
+
+
+@browser_test
 async def test_page_resumes_after_a_drop_and_reconnects_after_a_server_restart(
     tiny_config_file: Path, unused_tcp_port: int
 ) -> None:
@@ -343,6 +401,23 @@ async def test_page_explains_a_bad_token_and_a_full_server(tiny_config_file: Pat
         assert "full" in await other.text_content("#message")
 
 
+OVERLAPS = """() => {
+    const selector = "#screen, #game-screen, .pane-label, .bar, #hud, .row > :not(.sr-only), .key, #mouse-note";
+    const boxes = [...document.querySelectorAll(selector)]
+        .filter(el => el.offsetParent !== null)
+        .map(el => [el.id || el.className || el.tagName, el.getBoundingClientRect()]);
+    const bad = [];
+    for (const [name, r] of boxes) if (r.left < 0 || r.right > innerWidth + 0.5) bad.push(name);
+    for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+        const [a, r] = boxes[i], [b, q] = boxes[j];
+        const w = Math.min(r.right, q.right) - Math.max(r.left, q.left);
+        const h = Math.min(r.bottom, q.bottom) - Math.max(r.top, q.top);
+        if (w > 0.5 && h > 0.5) bad.push(`${a} / ${b}`);
+    }
+    return bad;
+}"""  # the names of the visible elements that leave the view sideways or overlap another
+
+
 @browser_test
 async def test_screenshots_at_1280x720_and_phone_size_without_overlaps(tmp_path: Path) -> None:
     """The default model's 64x64 frames at 1280x720 (docs/images/browser.png is a copy of this screenshot) and
@@ -356,25 +431,24 @@ async def test_screenshots_at_1280x720_and_phone_size_without_overlaps(tmp_path:
             await page.keyboard.up("KeyW")
             await page.wait_for_timeout(600)  # the HUD refreshes every 250 ms
             assert len(set(await canvas_pixels(page))) > 1, "the canvas is blank"
-            overlaps = await page.evaluate(
-                """() => {
-                    const selector = "#screen, .bar, #hud, .row > :not(.sr-only), .key, #mouse-note";
-                    const boxes = [...document.querySelectorAll(selector)]
-                        .filter(el => el.offsetParent !== null)
-                        .map(el => [el.id || el.className || el.tagName, el.getBoundingClientRect()]);
-                    const bad = [];
-                    for (const [name, r] of boxes) if (r.left < 0 || r.right > innerWidth + 0.5) bad.push(name);
-                    for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
-                        const [a, r] = boxes[i], [b, q] = boxes[j];
-                        const w = Math.min(r.right, q.right) - Math.max(r.left, q.left);
-                        const h = Math.min(r.bottom, q.bottom) - Math.max(r.top, q.top);
-                        if (w > 0.5 && h > 0.5) bad.push(`${a} / ${b}`);
-                    }
-                    return bad;
-                }"""
-            )
+            overlaps = await page.evaluate(OVERLAPS)
             assert overlaps == [], f"{name}: overlapping or cut-off elements {overlaps}"
             assert await page.evaluate("document.documentElement.scrollWidth <= innerWidth")
             await page.screenshot(path=tmp_path / f"{name}.png", full_page=True)
+
+            # Compare with the game: the game's view beside the model's (below it on the phone), still no overlaps.
+            await page.check("#compare")
+            await until(page, "s.game.framesShown >= 3 && hud('game_frame') !== ''", timeout_s=60)
+            assert len(set(await canvas_pixels(page, "game-screen"))) > 1, "the game's canvas is blank"
+            overlaps = await page.evaluate(OVERLAPS)
+            assert overlaps == [], f"{name} comparing: overlapping or cut-off elements {overlaps}"
+            assert await page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+            model, game = [await page.locator(f"#{id}").bounding_box() for id in ("screen", "game-screen")]
+            assert min(model["width"], model["height"], game["width"], game["height"]) > 150
+            if viewport is WIDE:
+                assert game["x"] >= model["x"] + model["width"] and game["y"] == model["y"], "side by side"
+            else:
+                assert game["y"] >= model["y"] + model["height"] and game["x"] == model["x"], "one below the other"
+            await page.screenshot(path=tmp_path / f"{name}-compare.png", full_page=True)
             assert page.script_errors == []
     assert (tmp_path / "browser.png").stat().st_size > 10_000
