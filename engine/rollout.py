@@ -121,9 +121,6 @@ def run_rollout(
     if not actions or len(actions) % chunk:
         raise ValueError(f"the number of frames ({len(actions)}) must be a positive multiple of chunk_frames={chunk}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if write_frames:
-        (out / "frames").mkdir(exist_ok=True)
     world = engine.new_world(prompt=prompt, seed=seed)
     frames: list[np.ndarray] = []
     per_frame: list[dict[str, Any]] = []
@@ -152,14 +149,7 @@ def run_rollout(
                 }
             )
             frames.append(frame)
-            if write_frames:
-                Image.fromarray(frame).save(out / "frames" / f"{len(frames) - 1:06d}.png")
-    contact_sheet(frames).save(out / "contact_sheet.png")
-    if write_gif:
-        save_gif(frames, out / "rollout.gif", fps)
-    if write_npy:
-        np.save(out / "frames.npy", np.stack(frames))  # (T, H, W, 3) uint8
-    save_actions(out / "actions.json", actions[: len(frames)])
+    write_episode(out, frames, actions[: len(frames)], fps, pngs=write_frames, gif=write_gif, npy=write_npy)
     steps = [f["step_ms"] for f in per_frame]
     stats = {
         "summary": {
@@ -189,7 +179,32 @@ def run_rollout(
     return stats
 
 
-def contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 64, scale: int = 2) -> Image.Image:
+def write_episode(
+    out: str | Path,
+    frames: Sequence[np.ndarray],
+    actions: Sequence[Action],
+    fps: float = 15.0,
+    pngs: bool = True,
+    gif: bool = True,
+    npy: bool = False,
+) -> None:
+    """Write frames and their actions in the layout of the module docstring (`worldserve rollout`, `worldserve
+    game`): frames/NNNNNN.png, contact_sheet.png, rollout.gif, frames.npy and actions.json, each as asked."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if pngs:
+        (out / "frames").mkdir(exist_ok=True)
+        for t, frame in enumerate(frames):
+            Image.fromarray(frame).save(out / "frames" / f"{t:06d}.png")
+    _contact_sheet(frames).save(out / "contact_sheet.png")
+    if gif:
+        _save_gif(frames, out / "rollout.gif", fps)
+    if npy:
+        np.save(out / "frames.npy", np.stack(frames))  # (T, H, W, 3) uint8
+    save_actions(out / "actions.json", actions)
+
+
+def _contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 64, scale: int = 2) -> Image.Image:
     picks = np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)
     h, w, _ = frames[0].shape
     rows = -(-len(picks) // columns)
@@ -201,7 +216,7 @@ def contact_sheet(frames: Sequence[np.ndarray], columns: int = 8, most: int = 64
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def save_gif(frames: Sequence[np.ndarray], path: Path, fps: float, scale: int = 4) -> None:
+def _save_gif(frames: Sequence[np.ndarray], path: Path, fps: float, scale: int = 4) -> None:
     h, w, _ = frames[0].shape
     images = [Image.fromarray(f).resize((w * scale, h * scale), Image.NEAREST) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)

@@ -183,7 +183,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             "model": {
                 "config": str(s.config),
                 "checkpoint": str(base.config.runtime.checkpoint) if base.config.runtime.checkpoint else None,
-                "parameters": sum(p.numel() for p in base.model.parameters()),
+                "parameters": base.model.parameter_count()["total"],
                 "tokens_per_frame": base.sizes.tokens_per_frame,
                 "device": str(base.device),
                 "dtype": str(base.dtype).removeprefix("torch."),

@@ -155,10 +155,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_game(args: argparse.Namespace) -> int:
     import json
 
-    from PIL import Image
-
     from engine.game import THEMES, Game, HumanPolicy, benchmark, play
-    from engine.rollout import contact_sheet, save_actions, save_gif
+    from engine.rollout import write_episode
 
     if args.bench:
         print(f"game fps at {args.size}x{args.size}, {args.frames} frames per theme (Game.step: update + render):")
@@ -179,14 +177,7 @@ def cmd_game(args: argparse.Namespace) -> int:
         act = lambda _game: next(scripted)  # noqa: E731
     episode = play(game, act, args.frames)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.no_png:
-        (out / "frames").mkdir(exist_ok=True)
-        for t, frame in enumerate(episode.frames):
-            Image.fromarray(frame).save(out / "frames" / f"{t:06d}.png")
-    contact_sheet(episode.frames).save(out / "contact_sheet.png")
-    save_gif(episode.frames, out / "rollout.gif", 15.0)
-    save_actions(out / "actions.json", episode.actions)
+    write_episode(out, episode.frames, episode.actions, 15.0, pngs=not args.no_png)
     visited = {(int(x), int(y)) for x, y in episode.poses[:, :2]}
     summary = {
         "frames": args.frames,

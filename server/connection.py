@@ -43,6 +43,11 @@ CLOSE_TIMEOUT_S = 2.0  # a client that does not take its close message in this t
 CLIENT_DONE = 1000  # a client that closes with 1000 is finished: its world goes at once; any other drop may resume
 
 
+def _payload(message: dict) -> bytes | str:
+    """The data of an ASGI `websocket.receive` message: bytes, or text (which the protocol refuses)."""
+    return message.get("bytes") or message.get("text") or b""
+
+
 class TokenBucket:
     """`rate` messages per second on average, `burst` at once."""
 
@@ -126,7 +131,7 @@ class Connection:
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         try:
-            hello = decode_client(message.get("bytes") or message.get("text") or b"", self.settings.max_message_bytes)
+            hello = decode_client(_payload(message), self.settings.max_message_bytes)
         except ProtocolError as error:
             raise ProtocolError(ErrorCode.BAD_HELLO, f"the first message must be a hello: {error.message}") from None
         if not isinstance(hello, Hello):
@@ -210,7 +215,7 @@ class Connection:
                     return
                 continue
             try:
-                parsed = decode_client(message.get("bytes") or message.get("text") or b"", max_bytes)
+                parsed = decode_client(_payload(message), max_bytes)
                 await self._handle(session, parsed, now)
             except ProtocolError as error:
                 self.error(error)

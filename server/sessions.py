@@ -79,28 +79,27 @@ class SessionManager:
     # ---- joining
 
     async def join(self, hello: Hello, connection: Connection) -> tuple[Session, bool]:
-        """Admit a new session or resume one; returns (session, resumed). Raises a fatal ProtocolError to refuse."""
+        """Admit a new session or resume one; returns (session, resumed). Raises a fatal ProtocolError to refuse,
+        counted by its code."""
         try:
-            self._check_hello(hello)
+            return await self._join(hello, connection)
         except ProtocolError as error:
             self.metrics.sessions_refused.labels(reason=error.code.value).inc()
             raise
+
+    async def _join(self, hello: Hello, connection: Connection) -> tuple[Session, bool]:
+        self._check_hello(hello)
         if hello.resume_token is not None:
             return self._resume(hello.resume_token, connection), True
         if not self.admitting:
-            self.metrics.sessions_refused.labels(reason=ErrorCode.SHUTTING_DOWN.value).inc()
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         if self.capacity_left <= 0:
-            self.metrics.sessions_refused.labels(reason=ErrorCode.SERVER_FULL.value).inc()
             raise ProtocolError(
                 ErrorCode.SERVER_FULL, f"the server is full ({self.settings.max_sessions} sessions); try again later"
             )
         self._reserved += 1
         try:
             session = await self._open(hello)
-        except ProtocolError as error:
-            self.metrics.sessions_refused.labels(reason=error.code.value).inc()
-            raise
         finally:
             self._reserved -= 1
         self.sessions[session.id] = session
