@@ -7,12 +7,20 @@
 One `step` is one batched call for all the worlds given: projections and feed-forward layers run over the whole
 batch; attention runs per world over its own cache length (see engine/attention.py), so worlds that started at
 different times batch together without padding.
+
+`step` is `predict` (denoise and decode the next chunk) followed by the commit (write it into the caches). For
+evaluation against ground truth the two halves are also public: teacher forcing predicts from the true history and
+then writes the TRUE frame instead of the prediction,
+
+    [[predicted]] = engine.predict([world], [action])   # the cache and frame_index stay as they were
+    engine.observe(world, true_frame[None], [action])    # the true frame becomes the world's next frame
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +39,18 @@ from engine.sparse_attention import SparseAttention
 from engine.world import World
 
 ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
+
+
+@dataclass
+class _Chunk:
+    """A denoised chunk of B worlds, not yet in their caches, and the conditioning its commit pass reuses."""
+
+    clean: torch.Tensor  # (B, T, C, h, w) latents
+    actions: torch.Tensor  # (B, T, A)
+    prompt: PromptTokens
+    pos: torch.Tensor  # (B, N, 3)
+    first_frames: list[int]
+    shared: StepSlots  # rotated cache slots, shared by the denoising passes and the commit pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,13 +108,14 @@ class WorldEngine:
     @torch.no_grad()
     def new_world(self, prompt: str = "", seed: int = 0, init_frames: np.ndarray | None = None) -> World:
         """A fresh world; `init_frames` (T, H, W, 3) uint8, T a multiple of chunk_frames, are written into its
-        cache as its first frames (as if generated under idle actions), so generation continues from them."""
+        cache as its first frames (`observe` under idle actions), so generation continues from them."""
         m = self.config.model
         cache = WorldCache(m.depth, m.heads, m.head_dim, self.policy.capacity, self.dtype, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         world = World(prompt, seed, self.model.prompt_encoder([prompt]), cache, generator)
         if init_frames is not None:
-            self._write_init_frames(world, init_frames)
+            init_frames = self._checked_frames(init_frames, "init_frames")
+            self.observe(world, init_frames, [IDLE] * len(init_frames))
         return world
 
     def set_prompt(self, world: World, prompt: str) -> None:
@@ -107,11 +128,59 @@ class WorldEngine:
     def step(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
         """Advance every world by one chunk in one batched call; returns per world its chunk's frames, each a uint8
         (H, W, 3) array. Worlds must be distinct and made by this engine."""
+        started = time.perf_counter()
+        # 1. denoise the next chunk from each world's own noise (the caches are only read)
+        chunk = self._denoise(worlds, actions)
+        # 2. one more pass at context noise writes the chunk's keys and values into the caches
+        self._commit(worlds, chunk.clean, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
+        # 3. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
+        # their own, each commented where it happens)
+        decode_started = time.perf_counter()
+        frames = self._decode(chunk.clean)
+        finished = time.perf_counter()
+        # 4. advance the worlds
+        T = self.chunk_frames
+        for world in worlds:
+            world.frame_index += T
+            world.stats.frames += T
+            world.stats.last_step_ms = (finished - started) * 1e3
+            world.stats.last_decode_ms = (finished - decode_started) * 1e3
+        return frames
+
+    @torch.no_grad()
+    def predict(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
+        """The frames `step` would generate for every world (same noise, same sampler, same batching), without
+        writing them into the caches: each world's cache and `frame_index` stay as they were. Each world's random
+        generator DOES advance (its noise is drawn), so a later call draws the noise of the chunk after. Returns per
+        world its chunk's frames, uint8 (H, W, 3) arrays. Follow with `observe` to write the true frames instead."""
+        return self._decode(self._denoise(worlds, actions).clean)
+
+    @torch.no_grad()
+    def observe(self, world: World, frames: np.ndarray, actions: Sequence[Action]) -> None:
+        """Write true frames into the world's cache as its next frames, each conditioned on its own action, exactly
+        as `step` writes a generated chunk (its commit pass, at `sampler.context_noise`), and advance `frame_index`.
+
+        `frames` uint8 (T, H, W, 3), T a positive multiple of chunk_frames; `actions` T `Action`s (frame t is the
+        view after action t). Observed frames are not counted in `world.stats.frames`. At a context noise above 0
+        the world's generator advances (the commit's noise is drawn from it, as in `step`)."""
+        frames = self._checked_frames(frames, "frames")
+        if len(actions) != len(frames) or not all(isinstance(a, Action) for a in actions):
+            raise ValueError(f"observe needs one Action per frame: got {len(actions)} for {len(frames)} frames")
+        T = self.chunk_frames
+        latents = self.model.autoencoder.encode(torch.from_numpy(frames))  # (T0, C, h, w)
+        for start in range(0, len(frames), T):
+            first_frames = [world.frame_index]
+            pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (1, N, 3)
+            encoded = self._encode_actions([world], [actions[start : start + T]])  # (1, T, A)
+            chunk = latents[start : start + T][None]  # (1, T, C, h, w)
+            self._commit([world], chunk, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
+            world.frame_index += T
+
+    def _denoise(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> _Chunk:
         if len(worlds) != len(actions) or not worlds:
             raise ValueError(f"need one action entry per world, got {len(actions)} for {len(worlds)} worlds")
         if len({id(w) for w in worlds}) != len(worlds):
             raise ValueError("a world may appear only once per step")
-        started = time.perf_counter()
         B, T = len(worlds), self.chunk_frames
         # 1. conditioning: actions (B, T, A), prompts, positions of the chunk's tokens
         encoded = self._encode_actions(worlds, actions)
@@ -128,20 +197,13 @@ class WorldEngine:
             attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
             return self.model.dit(x, x.new_full((B, T), t), encoded, prompt, attention)
 
-        clean = self.sampler.sample(velocity, noise)
-        # 4. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(worlds, clean, encoded, prompt, pos, first_frames, shared)
-        # 5. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
-        # their own, each commented where it happens)
-        decode_started = time.perf_counter()
+        clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
+        return _Chunk(clean, encoded, prompt, pos, first_frames, shared)
+
+    def _decode(self, clean: torch.Tensor) -> list[list[np.ndarray]]:
+        """Latents (B, T, C, h, w) -> per world its T uint8 (H, W, 3) frames (the copy to host synchronises)."""
+        B, T = clean.shape[:2]
         frames = self.model.autoencoder.decode(clean.flatten(0, 1)).cpu().numpy()  # (B T, H, W, 3)
-        finished = time.perf_counter()
-        # 6. advance the worlds
-        for world in worlds:
-            world.frame_index += T
-            world.stats.frames += T
-            world.stats.last_step_ms = (finished - started) * 1e3
-            world.stats.last_decode_ms = (finished - decode_started) * 1e3
         return [list(frames[b * T : (b + 1) * T]) for b in range(B)]
 
     def _encode_actions(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> torch.Tensor:
@@ -191,18 +253,13 @@ class WorldEngine:
         attention = self._attention(worlds, pos, first_frames, shared, write=True, step=self.sampler.steps)
         self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention)
 
-    def _write_init_frames(self, world: World, frames: np.ndarray) -> None:
+    def _checked_frames(self, frames: np.ndarray, name: str) -> np.ndarray:
+        """`frames` as a uint8 (T, H, W, 3) array of the model's frame size, T a positive multiple of chunk_frames."""
         m, T = self.config.model, self.chunk_frames
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (m.frame_height, m.frame_width, 3):
             expected = f"uint8 (T, {m.frame_height}, {m.frame_width}, 3)"
-            raise ValueError(f"init_frames must be {expected}, got {frames.shape} {frames.dtype}")
+            raise ValueError(f"{name} must be {expected}, got {frames.shape} {frames.dtype}")
         if len(frames) == 0 or len(frames) % T:
-            raise ValueError(f"init_frames must hold a positive multiple of chunk_frames={T} frames, got {len(frames)}")
-        latents = self.model.autoencoder.encode(torch.from_numpy(frames))  # (T0, C, h, w)
-        for start in range(0, len(frames), T):
-            pos = self.model.dit.positions(torch.tensor([world.frame_index], device=self.device), T)
-            actions = self._encode_actions([world], [IDLE])
-            chunk = latents[start : start + T][None]  # (1, T, C, h, w)
-            self._commit([world], chunk, actions, world.prompt_tokens, pos, [world.frame_index], StepSlots())
-            world.frame_index += T
+            raise ValueError(f"{name} must hold a positive multiple of chunk_frames={T} frames, got {len(frames)}")
+        return frames

@@ -112,3 +112,100 @@ def test_set_prompt_keeps_history(tiny_engine: WorldEngine) -> None:
     assert world.prompt == "green hedge maze" and world.frame_index == 1
     tiny_engine.step([world], [FORWARD])
     assert world.cache.tokens_per_layer() == [2 * 16] * 2
+
+
+# ---- predict and observe: the two halves of step, for teacher forcing ---------------------------------------------
+
+
+def _histories_equal(a, b) -> bool:
+    return a.frame_index == b.frame_index and a.cache.tokens_per_layer() == b.cache.tokens_per_layer()
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        {"model": {"chunk_frames": 2}},
+        {"cache": {"policy": "tempcache"}},
+        {"cache": {"policy": "tempcache"}, "attention": {"annsa": True, "annca": True}},
+    ],
+    ids=["dense", "chunks-of-2", "tempcache", "tempcache+annsa+annca"],
+)
+def test_predict_generates_what_step_would_without_committing(sections: dict) -> None:
+    engine = WorldEngine.from_config(tiny_config(**sections))
+    chunk = [FORWARD, TURN][: engine.chunk_frames]
+    predicting, stepping = engine.new_world("icy cave", seed=5), engine.new_world("icy cave", seed=5)
+    for world in (predicting, stepping):
+        for _ in range(6):  # past a bounded cache's capacity (4 frames), so that TempCache has merged
+            engine.step([world], [TURN])
+    tokens, index = predicting.cache.tokens_per_layer(), predicting.frame_index
+    [predicted] = engine.predict([predicting], [chunk])
+    assert predicting.cache.tokens_per_layer() == tokens and predicting.frame_index == index
+    assert predicting.stats.frames == 6 * engine.chunk_frames, "a prediction is not a generated frame of the world"
+    [stepped] = engine.step([stepping], [chunk])
+    assert len(predicted) == engine.chunk_frames
+    assert all(p.dtype == np.uint8 and p.shape == (16, 16, 3) for p in predicted)
+    assert all(np.array_equal(p, s) for p, s in zip(predicted, stepped))
+    # the generator advanced: predicting the same chunk again draws other noise
+    [again] = engine.predict([predicting], [chunk])
+    assert not np.array_equal(again[0], predicted[0])
+
+
+def test_batched_predict_matches_single_predictions(tiny_engine: WorldEngine) -> None:
+    batched = [tiny_engine.new_world(prompt=p, seed=i) for i, p in enumerate(["", "neon grid"])]
+    singles = [tiny_engine.new_world(prompt=p, seed=i) for i, p in enumerate(["", "neon grid"])]
+    together = tiny_engine.predict(batched, [FORWARD, TURN])
+    alone = [tiny_engine.predict([w], [a])[0] for w, a in zip(singles, [FORWARD, TURN])]
+    for b, s in zip(together, alone):
+        assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("context_noise", [0.0, 0.3])
+def test_observe_under_idle_equals_init_frames(context_noise: float) -> None:
+    engine = WorldEngine.from_config(tiny_config(sampler={"steps": 2, "context_noise": context_noise}))
+    init = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    initialised = engine.new_world("sandstone temple", seed=3, init_frames=init)
+    observed = engine.new_world("sandstone temple", seed=3)
+    engine.observe(observed, init, [IDLE] * 3)
+    assert _histories_equal(observed, initialised) and observed.stats.frames == 0
+    for action in (FORWARD, TURN):
+        [[a]], [[b]] = engine.step([observed], [action]), engine.step([initialised], [action])
+        assert np.array_equal(a, b)
+
+
+def test_teacher_forcing_writes_the_true_frame_under_its_action(tiny_engine: WorldEngine) -> None:
+    true = np.random.default_rng(2).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    forced = tiny_engine.new_world(seed=0)
+    tiny_engine.observe(forced, true[:1], [IDLE])
+    for t in range(1, 4):
+        tiny_engine.predict([forced], [FORWARD])
+        tiny_engine.observe(forced, true[t : t + 1], [FORWARD])
+    assert forced.frame_index == 4 and forced.cache.tokens_per_layer() == [4 * 16] * 2
+    # the same frames observed at once give the same history; other actions give another one
+    at_once, turned = tiny_engine.new_world(seed=9), tiny_engine.new_world(seed=9)
+    tiny_engine.observe(at_once, true, [IDLE] + [FORWARD] * 3)
+    tiny_engine.observe(turned, true, [IDLE] + [TURN] * 3)
+    [[a]], [[b]] = tiny_engine.predict([at_once], [FORWARD]), tiny_engine.predict([turned], [FORWARD])
+    assert not np.array_equal(a, b), "observed actions must condition the history"
+
+
+def test_observe_rejects_bad_frames_and_actions(tiny_engine: WorldEngine) -> None:
+    world = tiny_engine.new_world()
+    frame = np.zeros((1, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"frames must be uint8 \(T, 16, 16, 3\)"):
+        tiny_engine.observe(world, np.zeros((1, 8, 8, 3), np.uint8), [IDLE])
+    with pytest.raises(ValueError, match="frames must be uint8"):
+        tiny_engine.observe(world, frame.astype(np.float32), [IDLE])
+    with pytest.raises(ValueError, match="frames must be uint8"):
+        tiny_engine.observe(world, frame[0], [IDLE])
+    with pytest.raises(ValueError, match="positive multiple of chunk_frames=1"):
+        tiny_engine.observe(world, frame[:0], [])
+    with pytest.raises(ValueError, match="one Action per frame: got 2 for 1 frames"):
+        tiny_engine.observe(world, frame, [IDLE, IDLE])
+    with pytest.raises(ValueError, match="one Action per frame"):
+        tiny_engine.observe(world, frame, [{"keys": []}])
+    with pytest.raises(ValueError, match="one action entry per world"):
+        tiny_engine.predict([world], [])
+    with pytest.raises(ValueError, match="only once per step"):
+        tiny_engine.predict([world, world], [IDLE, IDLE])
+    assert world.frame_index == 0 and world.cache.tokens_per_layer() == [0, 0]
