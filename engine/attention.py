@@ -59,13 +59,19 @@ def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out.transpose(1, 2)
 
 
-class SequenceAttention:
-    """Uncached, frame-causal attention over whole sequences: pos (B, N, 3); block (N,) chunk index per token."""
+def causal_mask(block: torch.Tensor) -> torch.Tensor:
+    """block (N,) chunk index per token -> (N, N) bool: query i sees key j iff j's chunk is not later than i's."""
+    return block[None, :] <= block[:, None]
 
-    def __init__(self, rope: Rope3D, pos: torch.Tensor, block: torch.Tensor) -> None:
+
+class SequenceAttention:
+    """Uncached attention over whole sequences: pos (B, N, 3); mask (N, N) bool, True where query i sees key j
+    (`causal_mask` for frame-causal generation; training builds its own, engine/train.py)."""
+
+    def __init__(self, rope: Rope3D, pos: torch.Tensor, mask: torch.Tensor) -> None:
         self.rope = rope
         self.pos = pos
-        self.mask = block[None, :] <= block[:, None]  # (N, N): query i sees key j iff j's chunk is not later
+        self.mask = mask
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k = self.rope.rotate(q, self.pos), self.rope.rotate(k, self.pos)  # (B, N, h, d)

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from engine.attention import AttentionContext, SequenceAttention
+from engine.attention import AttentionContext, SequenceAttention, causal_mask
 from engine.config import WorldConfig
 from engine.prompt import PromptTokens
 from engine.rope import Rope3D
@@ -106,19 +106,23 @@ class CausalDiT(nn.Module):
 
     def positions(self, first_frames: torch.Tensor, frames: int) -> torch.Tensor:
         """(t, y, x) of every token of `frames` frames per world starting at first_frames (B,) -> (B, N, 3) int32."""
+        times = first_frames[:, None] + torch.arange(frames, device=first_frames.device)  # (B, T)
+        return self.positions_at(times)
+
+    def positions_at(self, times: torch.Tensor) -> torch.Tensor:
+        """(t, y, x) of every token of frames at frame indices `times` (B, T) -> (B, T n, 3) int32."""
         gh, gw = self.grid
-        t = torch.arange(frames, device=first_frames.device)[:, None, None].expand(frames, gh, gw)
-        y = torch.arange(gh, device=first_frames.device)[None, :, None].expand(frames, gh, gw)
-        x = torch.arange(gw, device=first_frames.device)[None, None, :].expand(frames, gh, gw)
-        grid = torch.stack((t, y, x), dim=-1).reshape(1, frames * gh * gw, 3).repeat(len(first_frames), 1, 1)
-        grid[..., 0] += first_frames[:, None]  # (B, N, 3)
-        return grid.to(torch.int32)
+        B, T = times.shape
+        t = times[:, :, None, None].expand(B, T, gh, gw)
+        y = torch.arange(gh, device=times.device)[None, None, :, None].expand(B, T, gh, gw)
+        x = torch.arange(gw, device=times.device)[None, None, None, :].expand(B, T, gh, gw)
+        return torch.stack((t, y, x), dim=-1).reshape(B, T * gh * gw, 3).to(torch.int32)
 
     def sequence_attention(self, batch: int, frames: int, device: torch.device) -> SequenceAttention:
         """The uncached frame-causal context for sequences of `frames` frames starting at frame 0."""
         pos = self.positions(torch.zeros(batch, dtype=torch.int64, device=device), frames)
         frame_of_token = torch.arange(frames, device=device).repeat_interleave(self.grid[0] * self.grid[1])
-        return SequenceAttention(self.rope, pos, frame_of_token // self.chunk_frames)
+        return SequenceAttention(self.rope, pos, causal_mask(frame_of_token // self.chunk_frames))
 
     def forward(
         self,

@@ -6,6 +6,7 @@ worldserve bench serve --config configs/default.yaml --sessions 4 --seconds 10 -
 worldserve serve --config configs/default.yaml --host 127.0.0.1 --port 8000
 worldserve game --prompt "icy cave" --seed 0 --frames 256 --policy human --out game/
 worldserve data --out data/ --train-episodes 512 --heldout-episodes 48 --frames 128
+worldserve train --config configs/default.yaml --train-config configs/train.yaml --out runs/default
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine.bench_rollout import (
     run_benchmark,
 )
 from engine.config import describe_config
+from engine.evaluate import EvalOptions, markdown, run_eval
 from engine.rollout import load_actions, random_actions, run_rollout
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -252,6 +254,40 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from engine.train import load_train_config, train
+
+    config = load_config(args.config, dict(args.overrides))
+    began = time.perf_counter()
+    schedule = load_train_config(args.train_config)
+    run = train(args.out, config, schedule, args.device, args.max_minutes, max_steps=args.max_steps)
+    minutes = (time.perf_counter() - began) / 60
+    if run.phase == "done":
+        print(f"training done in {args.out} ({run.elapsed / 60:.1f} min of steps in all): {args.out}/model.safetensors")
+    else:
+        print(
+            f"stopped after {minutes:.1f} min in phase {run.phase} at step {run.step}; run the same command to resume"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    overrides = dict(args.overrides)
+    if args.device:
+        overrides["runtime.device"] = args.device
+    config = load_config(args.config, overrides)
+    policies = tuple(name.strip() for name in args.policies.split(",") if name.strip())
+    options = EvalOptions(
+        episodes=args.episodes, frames=args.frames, stability_frames=args.stability_frames, policies=policies
+    )
+    report = run_eval(config, args.out, options, config_path=args.config)
+    print(f"\nwrote {args.out}/eval.json, eval.md, strip.png, stability.png\n")
+    print(markdown(report), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldserve", description="Interactive world-model game-engine server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -355,6 +391,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="config giving key names and frame size (default: %(default)s)",
     )
     data.set_defaults(run=cmd_data)
+
+    training = commands.add_parser(
+        "train", help="train the world model on the reference game: the autoencoder, then the DiT (resumable)"
+    )
+    training.add_argument("--out", type=Path, required=True, help="run folder; an existing run there is resumed")
+    training.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="world config giving the model (default: %(default)s)"
+    )
+    training.add_argument(
+        "--train-config",
+        type=Path,
+        default=Path("configs/train.yaml"),
+        help="training schedule (default: %(default)s)",
+    )
+    training.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    training.add_argument(
+        "--max-minutes", type=float, help="stop (and save) after this many minutes; run again to resume"
+    )
+    training.add_argument("--max-steps", type=int, help="stop (and save) after this many optimiser steps")
+    _add_set_argument(training, "override a world-config key, e.g. --set model.depth=4 (repeatable)")
+    training.set_defaults(run=cmd_train)
+
+    defaults = EvalOptions()
+    evaluation = commands.add_parser(
+        "eval", help="fidelity of the world model against the reference game on held-out mazes (docs/eval.md)"
+    )
+    evaluation.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    evaluation.add_argument("--out", type=Path, required=True, help="output folder: eval.json, eval.md, *.png")
+    evaluation.add_argument(
+        "--episodes", type=_positive, default=defaults.episodes, help="held-out episodes (default: %(default)s)"
+    )
+    evaluation.add_argument(
+        "--frames", type=_positive, default=defaults.frames, help="frames per episode, >= 40 (default: %(default)s)"
+    )
+    evaluation.add_argument(
+        "--stability-frames",
+        type=_positive,
+        default=defaults.stability_frames,
+        help="frames of each long open-loop rollout (default: %(default)s)",
+    )
+    evaluation.add_argument(
+        "--policies",
+        default=",".join(defaults.policies),
+        help=f"attention policies of the stability rollouts (default: %(default)s; of {', '.join(ATTENTION_PRESETS)})",
+    )
+    evaluation.add_argument("--device", help="torch device, overriding runtime.device (cpu, cuda, cuda:1, auto)")
+    _add_set_argument(evaluation, "override any config key, e.g. --set sampler.steps=2 (repeatable)")
+    evaluation.set_defaults(run=cmd_eval)
 
     config = commands.add_parser("config", help="print the resolved config and its derived sizes")
     _add_config_arguments(config)

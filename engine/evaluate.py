@@ -1,0 +1,584 @@
+"""Fidelity of a world model against the reference game on held-out mazes (`worldserve eval`; docs/eval.md).
+
+    report = run_eval(load_config("configs/default.yaml"), "eval/", EvalOptions(episodes=8, frames=64))
+
+Every number compares frames the engine generates with the frames the game (engine/game/) renders for the same
+maze and the same actions. Episodes come from `heldout_spec(i)` (maze seeds in HELDOUT_SEEDS, which training never
+draws). Frame t of an episode is the view after action t; action 0 is idle, frame 0 the first view.
+
+Parts, each an engine loop feeding a pure metric function below it (the functions are what the tests pin down):
+    teacher-forced   predict each next chunk from the TRUE history (`predict`, then `observe` the true frames):
+                     PSNR and SSIM, and the copy-last-frame baseline
+    controllability  at the same steps, a twin world (same seed, same history, so the same noise) predicts under an
+                     `alternative_action`; share of steps whose true-action prediction is closer to the game's frame
+    open-loop        `observe` `context` true frames, then `step` HORIZONS[-1] frames under the true actions;
+                     PSNR / SSIM at each horizon, and the last context frame as the baseline
+    prompt-following from scratch under each theme's name; the clip is classified as the theme whose game clip
+                     (same maze seed and actions) has the nearest `colour_signature`
+    stability        a long open-loop rollout per attention policy under HumanPolicy actions; every per-frame
+                     statistic, smoothed, must stay within the game's own range (`stability_check`)
+    speed            frames per second of the FPS_POLICY rollout around frame FPS_FRAME (median step, with decode)
+
+Output: eval.json (everything, with seeds, config, device and wall times), eval.md, strip.png, stability.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from skimage.metrics import structural_similarity
+
+from engine.actions import Action
+from engine.bench_rollout import PSNR_CAP_DB
+from engine.config import ATTENTION_PRESETS, WorldConfig, with_overrides
+from engine.dataset import THEME_NAMES, Episode, episode_actions, heldout_spec, is_heldout, record, record_episode
+from engine.game import Game
+from engine.world_engine import WorldEngine
+
+EVAL_FORMAT = "worldserve-eval/1"
+HORIZONS = (1, 4, 8, 16, 32)  # open-loop horizons: the h-th generated frame (frames)
+DEFAULT_POLICIES = tuple(ATTENTION_PRESETS)  # every attention configuration the server offers
+STATISTICS = ("mean", "contrast", "change")  # per frame, on 0..255: mean, std, mean |frame - previous frame|
+STABILITY_WINDOW = 25  # frames of the trailing rolling mean a model's statistics are smoothed with
+STABILITY_MARGIN = 0.1  # the game's range of a statistic is widened by this fraction of its width on each side
+DIFFERENT_FRAMES = 1.0  # mean |a - b| (0..255) above which the game's two next frames count as different
+FPS_POLICY, FPS_FRAME, FPS_FRAMES = "tempcache+annsa", 1000, 64  # speed: median step over frames 1000..1063
+
+Log = Callable[[str], None]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `run_eval` measures; sizes in frames."""
+
+    episodes: int = 8  # held-out episodes for teacher forcing, controllability and open-loop
+    frames: int = 64  # frames per held-out episode (>= context + HORIZONS[-1])
+    context: int = 8  # true frames an open-loop rollout starts from
+    open_loop_starts: int = 2  # start points per episode, evenly spaced
+    prompt_seeds: int = 3  # maze seeds per theme for prompt following
+    prompt_frames: int = 16
+    stability_frames: int = 2000
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+
+    def check(self, chunk: int) -> None:
+        """Raise ValueError for options the parts cannot run with (`chunk` = the model's chunk_frames)."""
+        for name in ("episodes", "frames", "context", "open_loop_starts", "prompt_seeds", "prompt_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames < self.context + HORIZONS[-1]:
+            raise ValueError(f"frames={self.frames} must be >= context + {HORIZONS[-1]} = {self.context + 32}")
+        for name in ("frames", "context", "prompt_frames", "stability_frames"):
+            if getattr(self, name) % chunk:
+                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of chunk_frames={chunk}")
+        if self.stability_frames < max(2 * chunk, 2):
+            raise ValueError(f"stability_frames must be >= {max(2 * chunk, 2)}, got {self.stability_frames}")
+        unknown = [name for name in self.policies if name not in ATTENTION_PRESETS]
+        if unknown or not self.policies:
+            raise ValueError(f"unknown policy {unknown[:1]}; choose from {', '.join(ATTENTION_PRESETS)}")
+
+
+# ---- metrics: pure functions of uint8 (..., H, W, 3) frames ---------------------------------------------------------
+
+
+def psnr(predicted: np.ndarray, true: np.ndarray) -> float:
+    """PSNR in dB of uint8 frames, data range 255; identical frames count as PSNR_CAP_DB (not infinity)."""
+    mse = float(np.mean((predicted.astype(np.float64) - true.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10.0 * np.log10(255.0**2 / mse))
+
+
+def ssim(predicted: np.ndarray, true: np.ndarray) -> float:
+    """SSIM of one uint8 (H, W, 3) frame pair (scikit-image, channel_axis=-1, data_range=255)."""
+    return float(structural_similarity(true, predicted, channel_axis=-1, data_range=255))
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+_SWAPS = (
+    ({"ArrowLeft": "ArrowRight", "ArrowRight": "ArrowLeft"}, True),  # turning: the other way (mouse too)
+    ({"KeyW": "KeyS", "KeyS": "KeyW", "ArrowUp": "ArrowDown", "ArrowDown": "ArrowUp"}, False),  # forward / back
+    ({"KeyA": "KeyD", "KeyD": "KeyA"}, False),  # strafing: the other side
+)
+
+
+def alternative_action(action: Action) -> Action:
+    """An action that moves the view differently: a turn turns the other way (keys and mouse mirrored), else a
+    walk walks the other way, else a strafe strafes to the other side, else (idle, jump, run alone) turn right."""
+    for swap, mouse in _SWAPS:
+        if action.keys & swap.keys() or (mouse and action.mouse_dx):
+            keys = frozenset(swap.get(key, key) for key in action.keys)
+            return Action(keys, -action.mouse_dx if mouse else action.mouse_dx, action.mouse_dy)
+    return Action(action.keys | {"ArrowRight"}, action.mouse_dx, action.mouse_dy)
+
+
+def controllability(
+    predicted: Sequence[np.ndarray],
+    predicted_alternative: Sequence[np.ndarray],
+    true: Sequence[np.ndarray],
+    true_alternative: Sequence[np.ndarray],
+    threshold: float = DIFFERENT_FRAMES,
+) -> tuple[float | None, int]:
+    """Share of steps where the prediction under the true action is closer (MSE) to the game's true frames than
+    the prediction under the alternative action is; ties (a model that ignores the action) count half. Only steps
+    where the game's two outcomes differ (mean |true - true_alternative| > threshold) count. Returns (score, steps);
+    the score is None when no step counts. Each item is one step's frames (any shape, equal within a step)."""
+    score, steps = 0.0, 0
+    for p, q, t, u in zip(predicted, predicted_alternative, true, true_alternative, strict=True):
+        if np.mean(np.abs(t.astype(np.float64) - u.astype(np.float64))) <= threshold:
+            continue
+        steps += 1
+        right, wrong = _mse(p, t), _mse(q, t)
+        score += 1.0 if right < wrong else 0.5 if right == wrong else 0.0
+    return (score / steps if steps else None), steps
+
+
+def colour_signature(clip: np.ndarray) -> np.ndarray:
+    """Mean RGB of the top, middle and bottom thirds of the frame (ceiling or sky / walls / floor), averaged over a
+    uint8 (T, H, W, 3) clip: float64 (9,) on 0..255. Position-free on purpose: a world generated from a prompt
+    alone cannot know the maze, only how the theme looks."""
+    bounds = np.linspace(0, clip.shape[1], 4).round().astype(int)
+    return np.concatenate([clip[:, a:b].reshape(-1, 3).mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def classify_theme(clip: np.ndarray, references: dict[str, np.ndarray]) -> str:
+    """The name of the reference clip whose `colour_signature` is nearest (Euclidean) to the clip's."""
+    signature = colour_signature(clip)
+    return min(references, key=lambda name: float(np.linalg.norm(colour_signature(references[name]) - signature)))
+
+
+def frame_statistics(frames: np.ndarray, previous: np.ndarray) -> dict[str, np.ndarray]:
+    """Per frame of uint8 (T, H, W, 3): mean intensity, contrast (std) and change (mean |frame - the frame
+    before|; `previous` is the frame before the first), each float64 (T,) on 0..255."""
+    x = frames.astype(np.float64)  # (T, H, W, 3)
+    before = np.concatenate([previous[None].astype(np.float64), x[:-1]])  # (T, H, W, 3)
+    return {
+        "mean": x.mean(axis=(1, 2, 3)),
+        "contrast": x.reshape(len(x), -1).std(axis=1),
+        "change": np.abs(x - before).mean(axis=(1, 2, 3)),
+    }
+
+
+def rolling_mean(values: np.ndarray, window: int = STABILITY_WINDOW) -> np.ndarray:
+    """Means over every run of `window` consecutive values (len - window + 1 of them; one mean if shorter)."""
+    window = min(window, len(values))
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    return (sums[window:] - sums[:-window]) / window
+
+
+def stability_range(game: dict[str, np.ndarray], margin: float = STABILITY_MARGIN) -> dict[str, tuple[float, float]]:
+    """The game's min..max of each statistic, widened by `margin` x its width on each side."""
+    bounds = {}
+    for name, values in game.items():
+        low, high = float(values.min()), float(values.max())
+        bounds[name] = (low - margin * (high - low), high + margin * (high - low))
+    return bounds
+
+
+def stability_check(
+    model: dict[str, np.ndarray], bounds: dict[str, tuple[float, float]], window: int = STABILITY_WINDOW
+) -> dict[str, bool]:
+    """Per statistic: does its rolling mean over `window` frames stay within the game's bounds throughout?"""
+    checks = {}
+    for name, (low, high) in bounds.items():
+        smooth = rolling_mean(model[name], window)
+        checks[name] = bool(smooth.min() >= low and smooth.max() <= high)
+    return checks
+
+
+def _mean(values: Sequence[float], digits: int = 4) -> float:
+    return round(float(np.mean(values)), digits)
+
+
+def _span(values: np.ndarray) -> list[float]:
+    return [round(float(values.min()), 2), round(float(values.max()), 2)]
+
+
+# ---- the game side: reference frames under other actions and prompts -----------------------------------------------
+
+
+def alternative_outcomes(episode: Episode, chunk: int = 1) -> tuple[list[list[Action]], list[np.ndarray]]:
+    """For every chunk of the episode after the first: the `alternative_action` of each of its actions and the
+    frames the game renders under them from the same state (a copy of the game). Returns (actions, frames uint8
+    (chunk, H, W, 3)) per chunk, aligned with the episode's chunks 1, 2, ..."""
+    _, height, width, _ = episode.frames.shape
+    actions = episode_actions(episode)
+    game = Game(episode.seed, episode.prompt, height, width)
+    for t in range(chunk):
+        game.step(actions[t])
+    alternatives, outcomes = [], []
+    for start in range(chunk, len(actions), chunk):
+        other = [alternative_action(a) for a in actions[start : start + chunk]]
+        branch = copy.deepcopy(game)
+        outcomes.append(np.stack([branch.step(a) for a in other]))
+        alternatives.append(other)
+        for t in range(start, start + chunk):
+            assert np.array_equal(game.step(actions[t]), episode.frames[t]), "the game no longer replays its episode"
+    return alternatives, outcomes
+
+
+def theme_clips(seed: int, actions: Sequence[Action], height: int, width: int) -> dict[str, np.ndarray]:
+    """The game's clip (uint8 (T, H, W, 3)) of maze `seed` under `actions` for every theme, prompted by its name."""
+    clips = {}
+    for theme in THEME_NAMES:
+        game = Game(seed, theme, height, width)
+        clips[theme] = np.stack([game.step(action) for action in actions])
+    return clips
+
+
+# ---- the engine loops ----------------------------------------------------------------------------------------------
+
+
+def teacher_forced(engine: WorldEngine, episodes: Sequence[Episode], log: Log = _say) -> dict[str, Any]:
+    """Predict every chunk after the first from the true history, batched over episodes; a twin world per episode
+    (same seed and history, hence the same noise) predicts under the alternative actions at the same time."""
+    T = engine.chunk_frames
+    actions = [episode_actions(e) for e in episodes]
+    games = [alternative_outcomes(e, T) for e in episodes]
+    worlds = [engine.new_world(e.prompt, seed=i) for i, e in enumerate(episodes)]
+    twins = [engine.new_world(e.prompt, seed=i) for i, e in enumerate(episodes)]
+    for world, twin, episode, acts in zip(worlds, twins, episodes, actions):
+        engine.observe(world, episode.frames[:T], acts[:T])
+        engine.observe(twin, episode.frames[:T], acts[:T])
+    rows: dict[str, list] = {k: [] for k in ("psnr", "ssim", "base_psnr", "base_ssim")}
+    pairs: dict[str, list[np.ndarray]] = {k: [] for k in ("predicted", "alternative", "true", "true_alternative")}
+    for k, start in enumerate(range(T, len(episodes[0]), T)):
+        chunk_actions = [a[start : start + T] for a in actions] + [g[0][k] for g in games]
+        predicted = engine.predict([*worlds, *twins], chunk_actions)
+        for i, episode in enumerate(episodes):
+            true = episode.frames[start : start + T]  # (T, H, W, 3)
+            ours, theirs = np.stack(predicted[i]), np.stack(predicted[len(episodes) + i])
+            for frame, want in zip(ours, true):
+                rows["psnr"].append(psnr(frame, want))
+                rows["ssim"].append(ssim(frame, want))
+                rows["base_psnr"].append(psnr(episode.frames[start - 1], want))
+                rows["base_ssim"].append(ssim(episode.frames[start - 1], want))
+            for name, value in zip(pairs, (ours, theirs, true, games[i][1][k])):
+                pairs[name].append(value)
+            for world in (worlds[i], twins[i]):
+                engine.observe(world, true, actions[i][start : start + T])
+        if k % 16 == 0:
+            log(f"  teacher-forced frame {start}/{len(episodes[0])}: PSNR {_mean(rows['psnr'], 2)} dB so far")
+    score, steps = controllability(pairs["predicted"], pairs["alternative"], pairs["true"], pairs["true_alternative"])
+    return {
+        "psnr": _mean(rows["psnr"]),
+        "ssim": _mean(rows["ssim"]),
+        "baseline_psnr": _mean(rows["base_psnr"]),
+        "baseline_ssim": _mean(rows["base_ssim"]),
+        "frames": len(rows["psnr"]),
+        "controllability": None if score is None else round(score, 4),
+        "controllability_steps": steps,
+    }
+
+
+def open_loop_starts(frames: int, context: int, starts: int) -> list[int]:
+    """Up to `starts` evenly spaced first frames of a context + HORIZONS[-1] window within `frames`."""
+    last = frames - context - HORIZONS[-1]
+    return sorted({int(round(s)) for s in np.linspace(0, last, starts)})
+
+
+def open_loop(engine: WorldEngine, episodes: Sequence[Episode], options: EvalOptions) -> dict[str, Any]:
+    """From `context` true frames, `step` HORIZONS[-1] frames under the true actions, all windows in one batch.
+    Returns per-horizon means, baselines, and the first window's game and model clips (for the strip)."""
+    T, n, context = engine.chunk_frames, HORIZONS[-1], options.context
+    windows = [(e, s) for e in episodes for s in open_loop_starts(options.frames, context, options.open_loop_starts)]
+    actions = {id(e): episode_actions(e) for e in episodes}
+    worlds = []
+    for i, (episode, s) in enumerate(windows):
+        worlds.append(engine.new_world(episode.prompt, seed=i))
+        engine.observe(worlds[-1], episode.frames[s : s + context], actions[id(episode)][s : s + context])
+    generated: list[list[np.ndarray]] = [[] for _ in windows]
+    for k in range(0, n, T):
+        chunk = [actions[id(e)][s + context + k : s + context + k + T] for e, s in windows]
+        for frames, new in zip(generated, engine.step(worlds, chunk)):
+            frames.extend(new)
+    result: dict[str, Any] = {"windows": len(windows), "psnr": {}, "ssim": {}, "baseline_psnr": {}, "baseline_ssim": {}}
+    for h in HORIZONS:
+        # (generated frame h, true frame, last context frame) per window
+        triples = [
+            (g[h - 1], e.frames[s + context + h - 1], e.frames[s + context - 1])
+            for g, (e, s) in zip(generated, windows)
+        ]
+        result["psnr"][str(h)] = _mean([psnr(p, t) for p, t, _ in triples])
+        result["ssim"][str(h)] = _mean([ssim(p, t) for p, t, _ in triples])
+        result["baseline_psnr"][str(h)] = _mean([psnr(b, t) for _, t, b in triples])
+        result["baseline_ssim"][str(h)] = _mean([ssim(b, t) for _, t, b in triples])
+    episode, s = windows[0]
+    result["strip"] = (episode.frames[s + context : s + context + n], np.stack(generated[0]))
+    return result
+
+
+def prompt_following(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str]) -> dict[str, Any]:
+    """Generate `prompt_frames` frames from scratch under each theme's name for `prompt_seeds` held-out mazes (all in
+    one batch) and classify each clip against the game's clips of the same maze and actions under every theme."""
+    height, width = engine.config.model.frame_height, engine.config.model.frame_width
+    jobs, worlds, references = [], [], {}
+    for j in range(options.prompt_seeds):
+        spec = heldout_spec(j)
+        actions = episode_actions(record(spec, options.prompt_frames, (height, width), key_names))
+        references[spec.seed] = theme_clips(spec.seed, actions, height, width)
+        for theme in THEME_NAMES:
+            jobs.append((theme, spec.seed, actions))
+            worlds.append(engine.new_world(prompt=theme, seed=j))
+    clips: list[list[np.ndarray]] = [[] for _ in jobs]
+    T = engine.chunk_frames
+    for start in range(0, options.prompt_frames, T):
+        for clip, new in zip(clips, engine.step(worlds, [actions[start : start + T] for _, _, actions in jobs])):
+            clip.extend(new)
+    confusion = {theme: dict.fromkeys(THEME_NAMES, 0) for theme in THEME_NAMES}
+    for (theme, seed, _), clip in zip(jobs, clips):
+        confusion[theme][classify_theme(np.stack(clip), references[seed])] += 1
+    correct = sum(confusion[theme][theme] for theme in THEME_NAMES)
+    return {"accuracy": round(correct / len(jobs), 4), "clips": len(jobs), "confusion": confusion}
+
+
+def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str], log: Log = _say) -> dict[str, Any]:
+    """Per policy, one open-loop rollout of `stability_frames` frames under the HumanPolicy actions of a game episode
+    (one chunk of true frames first); statistics against the game's own range, and the step times of FPS_POLICY."""
+    config, T, n = engine.config, engine.chunk_frames, options.stability_frames
+    spec = heldout_spec(0)
+    size = (config.model.frame_height, config.model.frame_width)
+    game = record_episode(spec.seed, spec.prompt, n, spec.policy_seed, size, key_names)
+    actions = episode_actions(game)
+    game_stats = frame_statistics(game.frames[T:], game.frames[T - 1])
+    bounds = stability_range(game_stats)
+    fps_start = FPS_FRAME if n >= FPS_FRAME + FPS_FRAMES else max(T, n - FPS_FRAMES)
+    runs: dict[str, Any] = {}
+    speed: dict[str, Any] = {}
+    names = list(options.policies) + ([] if FPS_POLICY in options.policies else [FPS_POLICY])
+    for name in names:
+        timing_only = name not in options.policies  # run only as far as the speed window needs
+        last = min(n, fps_start + FPS_FRAMES) if timing_only else n
+        sibling = engine.sibling(with_overrides(config, ATTENTION_PRESETS[name], f"<policy {name}>"))
+        world = sibling.new_world(spec.prompt, seed=0)
+        sibling.observe(world, game.frames[:T], actions[:T])
+        frames, seconds = [], []
+        began = time.perf_counter()
+        for start in range(T, last, T):
+            stepped = time.perf_counter()
+            frames.extend(sibling.step([world], [actions[start : start + T]])[0])
+            seconds.extend([time.perf_counter() - stepped] * T)  # per frame: its chunk's step time
+            if (start // T) % 500 == 0:
+                log(f"  stability {name}: frame {start}/{last} ({time.perf_counter() - began:.0f} s)")
+        if name == FPS_POLICY:
+            window = seconds[fps_start - T : fps_start - T + FPS_FRAMES]
+            speed = {"fps": round(T / float(np.median(window)), 2), "frame": fps_start, "frames": len(window)}
+        if timing_only:
+            continue
+        stats = frame_statistics(np.stack(frames), game.frames[T - 1])
+        checks = stability_check(stats, bounds)
+        runs[name] = {
+            "ok": all(checks.values()),
+            "ok_by_statistic": checks,
+            "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
+            "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+        log(f"  stability {name}: {'ok' if runs[name]['ok'] else 'OUT OF RANGE'} ({runs[name]['seconds']:.0f} s)")
+    return {
+        "ok": all(run["ok"] for run in runs.values()),
+        "frames": n,
+        "first_frame": T,
+        "seed": spec.seed,
+        "policy_seed": spec.policy_seed,
+        "prompt": spec.prompt,
+        "statistics": list(STATISTICS),
+        "window": STABILITY_WINDOW,
+        "margin": STABILITY_MARGIN,
+        "game": {
+            "range": {k: [round(low, 2), round(high, 2)] for k, (low, high) in bounds.items()},
+            "series": {k: np.round(v, 2).tolist() for k, v in game_stats.items()},
+        },
+        "policies": runs,
+        "speed": speed,
+    }
+
+
+# ---- the whole evaluation and its files ----------------------------------------------------------------------------
+
+
+def run_eval(
+    config: WorldConfig,
+    out: str | Path,
+    options: EvalOptions | None = None,
+    config_path: str | Path | None = None,
+    log: Log = _say,
+) -> dict[str, Any]:
+    """Run every part on `config`'s engine and write eval.json, eval.md, strip.png and stability.png to `out`.
+    Returns what eval.json holds (keys in docs/eval.md); `config_path` is only recorded."""
+    options = options or EvalOptions()
+    options.check(config.model.chunk_frames)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
+
+    def timed(part: str, began_part: float) -> None:
+        seconds[part] = round(time.perf_counter() - began_part, 2)
+        log(f"{part}: {seconds[part]:.1f} s")
+
+    # 1. The engine and the held-out episodes.
+    engine = WorldEngine.from_config(config)
+    keys, size = config.model.actions.keys, (config.model.frame_height, config.model.frame_width)
+    log(f"eval on {engine.device} ({torch.get_num_threads()} torch threads), policy {engine.policy.name}")
+    part = time.perf_counter()
+    episodes = [record(heldout_spec(i), options.frames, size, keys) for i in range(options.episodes)]
+    assert all(is_heldout(e.seed) for e in episodes)
+    timed("record", part)
+    # 2. Teacher-forced next frame and controllability.
+    part = time.perf_counter()
+    forced = teacher_forced(engine, episodes, log)
+    timed("teacher_forced", part)
+    # 3. Open-loop from true starts.
+    part = time.perf_counter()
+    loop = open_loop(engine, episodes, options)
+    timed("open_loop", part)
+    # 4. Prompt following from scratch.
+    part = time.perf_counter()
+    prompts = prompt_following(engine, options, keys)
+    timed("prompt_following", part)
+    # 5. Long-rollout stability per attention policy, and the speed of FPS_POLICY.
+    part = time.perf_counter()
+    stable = stability(engine, options, keys, log)
+    timed("stability", part)
+    seconds["total"] = round(time.perf_counter() - began, 2)
+    seeds = {e.seed for e in episodes} | {heldout_spec(j).seed for j in range(options.prompt_seeds)} | {stable["seed"]}
+    report = {
+        "format": EVAL_FORMAT,
+        "config": None if config_path is None else str(config_path),
+        "checkpoint": None if config.runtime.checkpoint is None else str(config.runtime.checkpoint),
+        "attention_policy": engine.policy.name,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "options": {**asdict(options), "policies": list(options.policies)},
+        "heldout_seeds": sorted(seeds),
+        "teacher_forced_psnr": forced["psnr"],
+        "teacher_forced_ssim": forced["ssim"],
+        "teacher_forced_frames": forced["frames"],
+        "open_loop_psnr": loop["psnr"],
+        "open_loop_ssim": loop["ssim"],
+        "open_loop_windows": loop["windows"],
+        "baselines": {
+            "copy_last": {
+                "teacher_forced_psnr": forced["baseline_psnr"],
+                "teacher_forced_ssim": forced["baseline_ssim"],
+                "open_loop_psnr": loop["baseline_psnr"],
+                "open_loop_ssim": loop["baseline_ssim"],
+            }
+        },
+        "controllability": forced["controllability"],
+        "controllability_steps": forced["controllability_steps"],
+        "controllability_threshold": DIFFERENT_FRAMES,
+        "prompt_following": prompts["accuracy"],
+        "prompt_following_clips": prompts["clips"],
+        "prompt_following_confusion": prompts["confusion"],
+        "stability_ok": stable["ok"],
+        "stability": {k: v for k, v in stable.items() if k != "speed"},
+        "cpu_fps_at_1000": stable["speed"]["fps"],
+        "cpu_fps_frame": stable["speed"]["frame"],
+        "cpu_fps_policy": FPS_POLICY,
+        "seconds": seconds,
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "eval.md").write_text(markdown(report))
+    strip(*loop["strip"]).save(out / "strip.png")
+    plot_stability(report["stability"], out / "stability.png")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """eval.md: the run in one line and a table of every metric with its copy-last baseline."""
+    base = report["baselines"]["copy_last"]
+    horizons = list(report["open_loop_psnr"])
+    stable = report["stability"]
+    verdicts = ", ".join(f"{name} {'ok' if run['ok'] else 'OUT'}" for name, run in stable["policies"].items())
+    control = report["controllability"]
+    lines = [
+        f"# Eval: {report['config'] or 'config'} ({report['checkpoint'] or 'random weights'})",
+        "",
+        f"{len(report['heldout_seeds'])} held-out maze seeds, {report['device']} ({report['torch_threads']} torch "
+        f"threads), policy {report['attention_policy']}, {report['seconds']['total']:.0f} s; definitions in "
+        "docs/eval.md.",
+        "",
+        "| metric | model | copy last frame |",
+        "|---|---:|---:|",
+        f"| teacher-forced PSNR (dB) | {report['teacher_forced_psnr']:.2f} | {base['teacher_forced_psnr']:.2f} |",
+        f"| teacher-forced SSIM | {report['teacher_forced_ssim']:.4f} | {base['teacher_forced_ssim']:.4f} |",
+        *(
+            f"| open-loop PSNR / SSIM @{h} | {report['open_loop_psnr'][h]:.2f} / {report['open_loop_ssim'][h]:.4f} "
+            f"| {base['open_loop_psnr'][h]:.2f} / {base['open_loop_ssim'][h]:.4f} |"
+            for h in horizons
+        ),
+        f"| controllability ({report['controllability_steps']} steps) | "
+        f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) |",
+        f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
+        f"{1 / len(report['prompt_following_confusion']):.3f} (chance) |",
+        f"| stability over {stable['frames']} frames | {'ok' if report['stability_ok'] else 'NOT ok'} "
+        f"({verdicts}) | - |",
+        f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
+        f"{report['cpu_fps_at_1000']:.1f} | - |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def strip(game: np.ndarray, model: np.ndarray, scale: int = 2) -> Image.Image:
+    """Game (top row) and model (bottom row) frames, uint8 (T, H, W, 3) each, upscaled `scale`x nearest, with the
+    row names on the left and the open-loop horizon (+1, +2, ...) above each column."""
+    T, H, W, _ = game.shape
+    label, header = 48, 14
+    sheet = Image.new("RGB", (label + T * W * scale, header + 2 * H * scale), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (name, frames) in enumerate((("game", game), ("model", model))):
+        top = header + row * H * scale
+        draw.text((4, top + H * scale // 2 - 6), name, fill="black")
+        for t, frame in enumerate(frames):
+            big = Image.fromarray(frame).resize((W * scale, H * scale), Image.NEAREST)
+            sheet.paste(big, (label + t * W * scale, top))
+    for t in range(T):
+        draw.text((label + t * W * scale + 2, 1), f"+{t + 1}", fill="black")
+    return sheet
+
+
+def plot_stability(stable: dict[str, Any], path: Path) -> None:
+    """One row per statistic: the game (grey; black: its rolling mean), each policy's rolling mean (drawn at the
+    window's last frame), and the game's widened range (shaded)."""
+    from matplotlib.figure import Figure  # here, not at the top: only this plot needs matplotlib
+
+    names = stable["statistics"]
+    figure = Figure(figsize=(10, 2.6 * len(names)), layout="constrained")
+    rows = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    window = stable["window"]
+    for axes, name in zip(rows, names):
+        game = np.array(stable["game"]["series"][name])
+        x = np.arange(len(game)) + stable["first_frame"]
+        low, high = stable["game"]["range"][name]
+        axes.axhspan(low, high, color="grey", alpha=0.12, label="game range (widened)")
+        axes.plot(x, game, color="grey", linewidth=0.6, alpha=0.7, label="game")
+        smooth = rolling_mean(game, window)
+        axes.plot(x[len(x) - len(smooth) :], smooth, color="black", linewidth=1.2, label="game, smoothed")
+        for policy, run in stable["policies"].items():
+            smooth = rolling_mean(np.array(run["series"][name]), window)
+            axes.plot(
+                x[len(x) - len(smooth) :], smooth, linewidth=1.4, label=f"{policy}{'' if run['ok'] else ' (out)'}"
+            )
+        axes.set(ylabel=f"{name} (0..255)")
+        axes.grid(alpha=0.3)
+    rows[0].set_title(f"Long-rollout statistics: model (rolling mean of {window}) vs the game", fontsize=10)
+    rows[0].legend(fontsize=8, ncols=3)
+    rows[-1].set(xlabel="frame index")
+    figure.savefig(path, dpi=100)

@@ -1,0 +1,535 @@
+"""Training the world model on the reference game (`worldserve train`): the frame autoencoder, then the causal DiT.
+
+Data is recorded on the fly (engine/dataset.py `train_spec` / `record`, the game is nearly free to run): a pool
+of `pool_episodes` recent episodes is sampled from, and every step replaces its oldest episode with the next one
+of the training stream, so the model keeps seeing new mazes (a fixed set of maps over-fitted within minutes in an
+early experiment). Held-out maze seeds are never drawn (asserted in `train_spec`).
+
+Phase 1, autoencoder: frames -> latents -> frames, MSE in [0, 1], with relative Gaussian noise on the latents so
+the decoder tolerates the DiT's imperfect latents. At its end `latent_scale` is set to 1 / std of the latents,
+so the DiT sees roughly unit variance, and written into the run's config.
+
+Phase 2, DiT (autoencoder and its latents frozen): rectified flow with noised-context teacher forcing. A sample is
+F = 1 + T frames of one episode: frame 0 (the start view, a sink frame as the cache policies keep it) and T
+consecutive frames from a random offset s >= 1 (s = 1: one contiguous clip from the start). The sequence holds two
+streams of these F frames, 2F frames in all:
+
+    context stream   frame i at a small noise level c_i ~ U(0, context_noise_max): the history as the engine
+                     commits it (at sampler.context_noise), noise augmentation against drift as in GameNGen
+    target stream    frame i at t_i ~ U(0, 1), the frame being generated
+
+    context i sees context j <= i;  target i sees context j < i and itself (mask below)
+
+so every frame is a target whose history is exactly what inference gives it (frame 0 is generated from the prompt
+alone, as a new world's first frame is). The loss is the flow-matching MSE on the target stream. Positions are the
+frames' true indices (0, s, s + 1, ...), so attention also learns to reach a sink frame far back. Prompts are
+dropped (replaced by "") for a `prompt_dropout` share of samples, so the model also runs without one. The DiT
+and the prompt encoder train with AdamW; an exponential moving average of their weights is what is exported.
+
+A run folder holds `config.yaml` (the world config, with the trained latent_scale), `train.yaml`, `state.pt`
+(everything to resume: phase, step, weights, optimiser, EMA, RNG), `model.safetensors` (the latest exportable
+checkpoint: EMA weights) and `log.jsonl`. Running the same command again resumes; the stream of data and noise
+is a function of (seed, step), so a resumed run is the run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+
+from engine.attention import SequenceAttention
+from engine.checkpoint import save_checkpoint
+from engine.config import ConfigError, WorldConfig, load_config
+from engine.dataset import action_array, record, train_spec
+from engine.model import WorldModel
+from engine.world_engine import resolve_device
+
+STATE_FORMAT = "worldserve-train-state/1"
+PHASES = ("autoencoder", "dit", "done")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PhaseConfig(_Section):
+    steps: int = Field(ge=0, description="optimiser steps of this phase (count)")
+    batch: int = Field(ge=1, description="samples per step: frames (autoencoder) or sequences (DiT) (count)")
+    lr: float = Field(gt=0, description="peak learning rate of AdamW (unitless)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up, then cosine decay to lr / 10 (steps)")
+    refresh_every: int = Field(1, ge=1, description="a new episode replaces the pool's oldest every this many steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (unitless)")
+
+
+class AutoencoderTraining(PhaseConfig):
+    latent_noise: float = Field(
+        0.1, ge=0, description="std of the noise added to latents before decoding, relative to their std (unitless)"
+    )
+
+
+class DiTTraining(PhaseConfig):
+    frames: int = Field(32, ge=1, description="consecutive frames T per sample, plus the sink frame 0 (frames)")
+    context_noise_max: float = Field(
+        0.3, ge=0, lt=1, description="context frames are noised to a level drawn from U(0, this) (unitless)"
+    )
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="share of samples trained with an empty prompt")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the exported weight average (unitless)")
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, description="seed of the episode stream, the initial weights and the noise")
+    episode_frames: int = Field(160, ge=2, description="length of each recorded episode (frames)")
+    pool_episodes: int = Field(128, ge=1, description="recent episodes sampled from (count)")
+    checkpoint_minutes: float = Field(5.0, gt=0, description="state.pt and model.safetensors are written this often")
+    log_every: int = Field(25, ge=1, description="a log.jsonl line every this many steps")
+    autoencoder: AutoencoderTraining
+    dit: DiTTraining
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read training config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()]
+        raise ConfigError(f"{path}: invalid training config:\n" + "\n".join(lines)) from None
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PooledEpisode:
+    """One recorded episode as training reads it: frames uint8 (L, H, W, 3) (autoencoder phase) or latents
+    (L, C, h, w) (DiT phase, frames dropped), actions float32 (L, A) and the prompt."""
+
+    index: int
+    prompt: str
+    actions: torch.Tensor
+    frames: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+
+class EpisodePool:
+    """The `size` most recent episodes of training stream `seed`; `advance` records the next one in place of the
+    oldest. Its contents are a function of (seed, next index), so a resumed run rebuilds the same pool."""
+
+    def __init__(self, config: WorldConfig, train: TrainConfig, encode: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.config, self.train, self.encode = config, train, encode
+        self.episodes: list[PooledEpisode] = []
+        self.next_index = 0
+
+    def fill(self, next_index: int) -> None:
+        """Rebuild the pool so that its newest episode is `next_index - 1`."""
+        self.episodes, self.next_index = [], max(0, next_index - self.train.pool_episodes)
+        while self.next_index < next_index or len(self.episodes) < self.train.pool_episodes:
+            self.advance()
+
+    def advance(self) -> None:
+        m = self.config.model
+        spec = train_spec(self.train.seed, self.next_index)
+        episode = record(spec, self.train.episode_frames, (m.frame_height, m.frame_width), m.actions.keys)
+        frames = torch.from_numpy(episode.frames)  # (L, H, W, 3)
+        pooled = PooledEpisode(
+            self.next_index, episode.prompt, torch.from_numpy(action_array(episode, m.actions.mouse_scale))
+        )
+        if self.encode is None:
+            pooled.frames = frames
+        else:
+            pooled.latents = self.encode(frames)
+        self.episodes.append(pooled)
+        if len(self.episodes) > self.train.pool_episodes:
+            self.episodes.pop(0)
+        self.next_index += 1
+
+
+def sample_frames(pool: EpisodePool, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` random frames of the pool, uint8 (B, H, W, 3)."""
+    which = torch.randint(len(pool.episodes), (batch,), generator=generator).tolist()
+    out = []
+    for e in which:
+        frames = pool.episodes[e].frames
+        out.append(frames[int(torch.randint(len(frames), (1,), generator=generator))])
+    return torch.stack(out)
+
+
+@dataclass
+class Clips:
+    """B samples of F = 1 + T frames (sink frame 0, then frames s .. s + T - 1): latents (B, F, C, h, w), actions
+    (B, F, A), frame indices (B, F), prompts."""
+
+    latents: torch.Tensor
+    actions: torch.Tensor
+    times: torch.Tensor
+    prompts: list[str]
+
+
+def sample_clips(
+    pool: EpisodePool, batch: int, frames: int, prompt_dropout: float, generator: torch.Generator
+) -> Clips:
+    latents, actions, times, prompts = [], [], [], []
+    for _ in range(batch):
+        episode = pool.episodes[int(torch.randint(len(pool.episodes), (1,), generator=generator))]
+        length = len(episode.latents)
+        if length < frames + 1:
+            raise ValueError(f"episodes of {length} frames are too short for clips of 1 + {frames} frames")
+        start = 1 + int(torch.randint(length - frames, (1,), generator=generator))  # s in [1, L - T]
+        index = torch.cat((torch.zeros(1, dtype=torch.int64), torch.arange(start, start + frames)))  # (F,)
+        latents.append(episode.latents[index])
+        actions.append(episode.actions[index])
+        times.append(index)
+        dropped = float(torch.rand((), generator=generator)) < prompt_dropout
+        prompts.append("" if dropped else episode.prompt)
+    return Clips(torch.stack(latents), torch.stack(actions), torch.stack(times), prompts)
+
+
+def teacher_forcing_mask(frames: int, tokens_per_frame: int) -> torch.Tensor:
+    """(2 F n, 2 F n) bool over [context stream, target stream] of F frames each, n tokens per frame: context i
+    sees context j <= i; target i sees context j < i and target i itself."""
+    i = torch.arange(frames)
+    context_sees_context = i[None, :] <= i[:, None]  # (F, F)
+    target_sees_context = i[None, :] < i[:, None]
+    target_sees_target = torch.eye(frames, dtype=torch.bool)
+    top = torch.cat((context_sees_context, torch.zeros(frames, frames, dtype=torch.bool)), dim=1)
+    bottom = torch.cat((target_sees_context, target_sees_target), dim=1)
+    mask = torch.cat((top, bottom), dim=0)  # (2F, 2F) frames
+    return mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def dit_loss(model: WorldModel, clips: Clips, context_noise_max: float, generator: torch.Generator) -> torch.Tensor:
+    """Flow-matching loss of the target stream under noised-context teacher forcing (module docstring)."""
+    x = clips.latents.to(model.dit.patch_embed.weight.device)  # (B, F, C, h, w)
+    device = x.device
+    B, Fr = x.shape[:2]
+    context_level = torch.rand(B, Fr, generator=generator).to(device) * context_noise_max  # (B, F)
+    target_level = torch.rand(B, Fr, generator=generator).to(device)  # (B, F)
+    noise = torch.randn((2, *x.shape), generator=generator).to(device)  # (2, B, F, C, h, w)
+    c, t = context_level[:, :, None, None, None], target_level[:, :, None, None, None]
+    context = (1 - c) * x + c * noise[0]
+    target = (1 - t) * x + t * noise[1]
+    inputs = torch.cat((context, target), dim=1)  # (B, 2F, C, h, w)
+    levels = torch.cat((context_level, target_level), dim=1)  # (B, 2F)
+    actions = clips.actions.to(device).repeat(1, 2, 1)  # (B, 2F, A)
+    times = clips.times.to(device).repeat(1, 2)  # (B, 2F)
+    dit = model.dit
+    n = dit.grid[0] * dit.grid[1]
+    attention = SequenceAttention(dit.rope, dit.positions_at(times), teacher_forcing_mask(Fr, n).to(device))
+    prompt = model.prompt_encoder(clips.prompts)
+    velocity = dit(inputs, levels, actions, prompt, attention)[:, Fr:]  # (B, F, C, h, w) of the target stream
+    return F.mse_loss(velocity.float(), (noise[1] - x).float())
+
+
+def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator):
+    """MSE in [0, 1] of frames (B, H, W, 3) uint8 through encoder, relative latent noise and decoder."""
+    ae = model.autoencoder
+    latents = ae.encode(frames)  # (B, C, h, w)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noisy = latents + latent_noise * latents.detach().std() * noise
+    decoded = ae.decode_float(noisy)  # (B, 3, H, W)
+    truth = frames.to(decoded.device).permute(0, 3, 1, 2).float() / 255.0
+    return F.mse_loss(decoded.float(), truth)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(phase: PhaseConfig, step: int) -> float:
+    if step < phase.warmup_steps:
+        return phase.lr * (step + 1) / phase.warmup_steps
+    progress = (step - phase.warmup_steps) / max(1, phase.steps - phase.warmup_steps)
+    return phase.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class TrainingRun:
+    """One run folder (module docstring): `run()` trains until both phases are done or `max_minutes` passed."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        config: WorldConfig,
+        train: TrainConfig,
+        device: str = "auto",
+        max_minutes: float | None = None,
+        progress: bool = True,
+        max_steps: int | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.device = resolve_device(device)
+        self.max_minutes = max_minutes
+        self.max_steps = max_steps
+        self._session_steps = 0
+        self.progress = progress
+        if config.model.chunk_frames != 1:
+            raise ConfigError(
+                "worldserve train supports model.chunk_frames = 1 only (the teacher-forcing mask is per frame)"
+            )
+        self.config, self.train = self._adopt(config, train)
+        torch.manual_seed(self.train.seed)  # module construction below draws from the global RNG
+        self.model = WorldModel(self.config)
+        self.model.dit.zero_init_()
+        self.model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(self.train.seed)
+        self.phase, self.step, self.elapsed = "autoencoder", 0, 0.0
+        self.optimizer = self._optimizer()
+        self.pool: EpisodePool | None = None
+        self._stop = False
+        if (self.out / "state.pt").exists():
+            self._load_state()
+
+    # -- setup ---------------------------------------------------------------------------------------------------------
+
+    def _adopt(self, config: WorldConfig, train: TrainConfig) -> tuple[WorldConfig, TrainConfig]:
+        """A new run writes its configs; a resumed one must have been started with the same ones."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved_config, saved_train = self.out / "config.yaml", self.out / "train.yaml"
+        if not saved_config.exists():
+            config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"checkpoint": None})})
+            _write_yaml(saved_config, config.model_dump(mode="json"))
+            _write_yaml(saved_train, train.model_dump(mode="json"))
+            return config, train
+        stored = load_config(saved_config)
+        stored_train = load_train_config(saved_train)
+        ours = config.model.model_dump()
+        theirs = stored.model.model_dump()
+        ours["autoencoder"].pop("latent_scale"), theirs["autoencoder"].pop("latent_scale")  # set by the run
+        if ours != theirs or stored_train != train:
+            raise ConfigError(
+                f"{self.out} holds a run started with a different model or training config; "
+                "resume with the same configs or choose another --out"
+            )
+        return stored, stored_train
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        if self.phase == "autoencoder":
+            return list(self.model.autoencoder.parameters())
+        return [*self.model.dit.parameters(), *self.model.prompt_encoder.parameters()]
+
+    def _phase_config(self) -> PhaseConfig:
+        return self.train.autoencoder if self.phase == "autoencoder" else self.train.dit
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        phase = self._phase_config()
+        return torch.optim.AdamW(self._trainable(), lr=phase.lr, weight_decay=phase.weight_decay, betas=(0.9, 0.99))
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "phase": self.phase,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "latent_scale": self.config.model.autoencoder.latent_scale,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def _load_state(self) -> None:
+        path = self.out / "state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many kinds for a damaged file
+            raise ConfigError(f"{path}: cannot read the training state ({type(error).__name__}: {error})") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"{path}: not a worldserve training state")
+        self._set_latent_scale(state["latent_scale"])
+        self.phase, self.step, self.elapsed = state["phase"], state["step"], state["elapsed"]
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer = self._optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        print(f"resuming {self.out}: phase {self.phase}, step {self.step}, {self.elapsed / 60:.1f} min trained")
+
+    def save(self) -> None:
+        """state.pt and model.safetensors (EMA weights with the trained autoencoder), each written atomically."""
+        partial = self.out / "state.pt.partial"
+        torch.save(self._state(), partial)
+        partial.replace(self.out / "state.pt")
+        export = self.ema if self.phase != "autoencoder" else self.model
+        meta = {
+            "training": json.dumps({"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 1)})
+        }
+        save_checkpoint(self.out / "model.safetensors.partial", export, meta)
+        (self.out / "model.safetensors.partial").replace(self.out / "model.safetensors")
+
+    def _set_latent_scale(self, scale: float) -> None:
+        ae = self.config.model.autoencoder.model_copy(update={"latent_scale": scale})
+        model = self.config.model.model_copy(update={"autoencoder": ae})
+        self.config = self.config.model_copy(update={"model": model})
+        for m in (getattr(self, "model", None), getattr(self, "ema", None)):
+            if m is not None:
+                m.config = self.config
+                m.autoencoder.latent_scale = scale
+        _write_yaml(self.out / "config.yaml", self.config.model_dump(mode="json"))
+
+    # -- loop ----------------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._session_started = time.perf_counter()
+        torch.set_num_threads(os.cpu_count() or 1)
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            while self.phase != "done" and not self._out_of_time():
+                self._run_phase()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _request_stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def _out_of_time(self) -> bool:
+        if self.max_steps is not None and self._session_steps >= self.max_steps:
+            return True
+        return self._stop or (self.max_minutes is not None and self._session_seconds() > 60 * self.max_minutes)
+
+    def _session_seconds(self) -> float:
+        return time.perf_counter() - self._session_started
+
+    def _run_phase(self) -> None:
+        phase = self._phase_config()
+        ae = self.model.autoencoder
+        encode = None if self.phase == "autoencoder" else self._encoder(ae)
+        self.pool = EpisodePool(self.config, self.train, encode)
+        started = time.perf_counter()
+        # the DiT phase records episodes the autoencoder never saw
+        first = 0 if self.phase == "autoencoder" else self.train.pool_episodes + self.train.autoencoder.steps
+        self.pool.fill(first + self.train.pool_episodes + self.step // phase.refresh_every)
+        print(
+            f"{self.phase}: pool of {self.train.pool_episodes} episodes ready in {time.perf_counter() - started:.1f} s"
+        )
+        bar = tqdm(
+            total=phase.steps,
+            initial=self.step,
+            desc=self.phase,
+            disable=not self.progress,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            dynamic_ncols=True,
+        )
+        last_save = time.perf_counter()
+        smoothed = None
+        while self.step < phase.steps and not self._out_of_time():
+            tick = time.perf_counter()
+            lr = learning_rate(phase, self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self._loss()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), 1.0)
+            self.optimizer.step()
+            self._update_ema()
+            self.step += 1
+            self._session_steps += 1
+            if self.step % phase.refresh_every == 0:
+                self.pool.advance()
+            self.elapsed += time.perf_counter() - tick
+            value = float(loss.detach())  # one host read per step, for the bar and the log
+            smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.1e}", refresh=False)
+            if self.step % self.train.log_every == 0:
+                self._log(loss=value, smoothed=smoothed, lr=lr, grad_norm=float(grad_norm))
+            if time.perf_counter() - last_save > 60 * self.train.checkpoint_minutes:
+                self.save()
+                last_save = time.perf_counter()
+        bar.close()
+        if self.step >= phase.steps:
+            self._finish_phase()
+        self.save()
+
+    def _loss(self) -> torch.Tensor:
+        assert self.pool is not None
+        if self.phase == "autoencoder":
+            phase = self.train.autoencoder
+            frames = sample_frames(self.pool, phase.batch, self.generator).to(self.device)
+            return autoencoder_loss(self.model, frames, phase.latent_noise, self.generator)
+        phase = self.train.dit
+        clips = sample_clips(self.pool, phase.batch, phase.frames, phase.prompt_dropout, self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return dit_loss(self.model, clips, phase.context_noise_max, self.generator)
+
+    def _encoder(self, ae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        @torch.no_grad()
+        def encode(frames: torch.Tensor) -> torch.Tensor:
+            return torch.cat([ae.encode(chunk.to(self.device)).cpu() for chunk in frames.split(64)])
+
+        return encode
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.phase == "autoencoder":
+            return
+        decay = min(self.train.dit.ema_decay, (1 + self.step) / (10 + self.step))
+        for part in ("dit", "prompt_encoder"):
+            for ema, live in zip(getattr(self.ema, part).parameters(), getattr(self.model, part).parameters()):
+                ema.lerp_(live, 1 - decay)
+
+    @torch.no_grad()
+    def _finish_phase(self) -> None:
+        if self.phase == "autoencoder":
+            assert self.pool is not None
+            frames = sample_frames(self.pool, 1024, self.generator).to(self.device)
+            self.model.autoencoder.latent_scale = 1.0
+            latents = torch.cat([self.model.autoencoder.encode(chunk) for chunk in frames.split(128)])
+            scale = float(f"{1.0 / latents.float().std().item():.4g}")
+            self._set_latent_scale(scale)
+            self.ema.load_state_dict(self.model.state_dict())
+            self.model.autoencoder.requires_grad_(False)
+            self._log(event="autoencoder done", latent_scale=scale)
+            print(f"autoencoder done: latent_scale {scale}")
+            self.phase, self.step = "dit", 0
+        else:
+            self.phase = "done"
+        self.optimizer = self._optimizer()
+
+    def _log(self, **fields: Any) -> None:
+        entry = {"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 2), **fields}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(yaml.safe_dump(data, sort_keys=False))
+    partial.replace(path)
+
+
+def train(
+    out: str | Path,
+    config: WorldConfig,
+    train_config: TrainConfig,
+    device: str = "auto",
+    max_minutes: float | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainingRun:
+    """Train (or resume) the run in `out` until both phases are done, `max_minutes` have passed or `max_steps`
+    optimiser steps were taken in this call; returns the run, whose `phase` is "done" when both phases finished."""
+    run = TrainingRun(out, config, train_config, device, max_minutes, progress, max_steps)
+    run.run()
+    return run

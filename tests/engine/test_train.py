@@ -1,0 +1,180 @@
+"""worldserve train: the teacher-forcing mask, causality of the training forward, the data stream, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from engine import WorldEngine, load_config
+from engine.actions import Action
+from engine.attention import SequenceAttention
+from engine.config import ConfigError
+from engine.model import WorldModel
+from engine.train import (
+    Clips,
+    EpisodePool,
+    TrainConfig,
+    dit_loss,
+    load_train_config,
+    sample_clips,
+    teacher_forcing_mask,
+    train,
+)
+from server.cli import main
+from tests.conftest import tiny_config
+
+TINY_TRAIN = {
+    "seed": 3,
+    "episode_frames": 10,
+    "pool_episodes": 3,
+    "log_every": 1,
+    "autoencoder": {"steps": 4, "batch": 4, "lr": 0.002, "warmup_steps": 1, "refresh_every": 2},
+    "dit": {"steps": 4, "batch": 2, "lr": 0.001, "warmup_steps": 1, "frames": 4, "prompt_dropout": 0.5},
+}
+
+
+def tiny_train(**changes) -> TrainConfig:
+    return TrainConfig.model_validate({**TINY_TRAIN, **changes})
+
+
+def test_mask_gives_each_target_exactly_its_history():
+    frames = 4
+    mask = teacher_forcing_mask(frames, tokens_per_frame=1)  # rows: queries, columns: keys
+    context, target = slice(0, frames), slice(frames, 2 * frames)
+    assert torch.equal(mask[context, context], torch.tril(torch.ones(frames, frames, dtype=torch.bool)))
+    assert not mask[context, target].any()  # the history never sees a frame being generated
+    assert torch.equal(mask[target, context], torch.tril(torch.ones(frames, frames, dtype=torch.bool), -1))
+    assert torch.equal(mask[target, target], torch.eye(frames, dtype=torch.bool))
+    assert teacher_forcing_mask(frames, 3).shape == (2 * frames * 3, 2 * frames * 3)
+
+
+def test_training_forward_is_causal_in_the_history():
+    """Perturbing context frame k changes the targets after k and nothing at or before k."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = WorldModel(config).init_random_(1)
+    dit, frames = model.dit, 4
+    n = dit.grid[0] * dit.grid[1]
+    x = torch.randn(1, 2 * frames, *config.sizes().latent_shape)
+    times = torch.tensor([[0, 5, 6, 7] * 2])
+    levels, actions = torch.rand(1, 2 * frames), torch.rand(1, 2 * frames, config.sizes().action_dim)
+    prompt = model.prompt_encoder(["icy cave"])
+
+    def targets(inputs: torch.Tensor) -> torch.Tensor:
+        attention = SequenceAttention(dit.rope, dit.positions_at(times), teacher_forcing_mask(frames, n))
+        with torch.no_grad():
+            return dit(inputs, levels, actions, prompt, attention)[:, frames:]
+
+    before = targets(x)
+    k = 1
+    perturbed = x.clone()
+    perturbed[:, k] += 1.0  # context frame k
+    after = targets(perturbed)
+    torch.testing.assert_close(after[:, : k + 1], before[:, : k + 1], rtol=0, atol=1e-6)
+    assert (after[:, k + 1 :] - before[:, k + 1 :]).abs().amax() > 1e-4
+
+
+def test_pool_is_a_function_of_seed_and_position():
+    config = tiny_config()
+    schedule = tiny_train()
+    a, b = EpisodePool(config, schedule, None), EpisodePool(config, schedule, None)
+    a.fill(3)
+    a.advance()  # now episodes 1, 2, 3
+    b.fill(4)
+    assert [e.index for e in a.episodes] == [e.index for e in b.episodes] == [1, 2, 3]
+    for x, y in zip(a.episodes, b.episodes):
+        assert torch.equal(x.frames, y.frames) and torch.equal(x.actions, y.actions) and x.prompt == y.prompt
+    assert a.episodes[0].frames.shape == (10, 16, 16, 3) and a.episodes[0].frames.dtype == torch.uint8
+
+
+def test_clips_start_with_the_sink_frame_and_are_consecutive():
+    config = tiny_config()
+    pool = EpisodePool(config, tiny_train(), lambda frames: frames.float().mean(-1)[:, None, :4, :4])
+    pool.fill(3)
+    clips = sample_clips(pool, batch=16, frames=4, prompt_dropout=0.0, generator=torch.Generator().manual_seed(0))
+    assert clips.latents.shape == (16, 5, 1, 4, 4) and clips.actions.shape[:2] == (16, 5)
+    assert (clips.times[:, 0] == 0).all() and (clips.times[:, 1] >= 1).all() and (clips.times[:, -1] <= 9).all()
+    assert (clips.times[:, 2:] - clips.times[:, 1:-1] == 1).all()
+    assert all(prompt for prompt in clips.prompts)
+    dropped = sample_clips(pool, 64, 4, prompt_dropout=1.0, generator=torch.Generator())
+    assert dropped.prompts == [""] * 64
+    with pytest.raises(ValueError, match="too short"):
+        sample_clips(pool, 1, frames=10, prompt_dropout=0.0, generator=torch.Generator())
+
+
+def test_dit_loss_falls_when_fitting_one_batch():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = WorldModel(config)
+    model.dit.zero_init_()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, *config.sizes().latent_shape, generator=generator)
+    clips = Clips(latents, torch.zeros(2, 4, config.sizes().action_dim), torch.tensor([[0, 3, 4, 5]] * 2), ["a", "b"])
+    optimizer = torch.optim.AdamW(model.dit.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1))  # the same noise every step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_run_trains_both_phases_and_exports_a_loadable_model(tmp_path: Path):
+    run = train(tmp_path / "run", tiny_config(), tiny_train(), device="cpu", progress=False)
+    assert run.phase == "done"
+    config = load_config(tmp_path / "run" / "config.yaml")
+    assert config.model.autoencoder.latent_scale != 1.0  # measured at the end of the autoencoder phase
+    engine = WorldEngine.from_config(
+        load_config(
+            tmp_path / "run" / "config.yaml", {"runtime.checkpoint": str(tmp_path / "run" / "model.safetensors")}
+        )
+    )
+    [frames] = engine.step([engine.new_world("icy cave", 0)], [Action(frozenset({"KeyW"}))])
+    assert frames[0].shape == (16, 16, 3) and frames[0].dtype == np.uint8
+    log = [line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 + 1 + 4  # a line per step (log_every 1), and the end of the autoencoder phase
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path: Path):
+    straight = train(tmp_path / "straight", tiny_config(), tiny_train(), device="cpu", progress=False)
+    assert straight.phase == "done"
+    for _ in range(2):  # 3 steps, stop; 3 more (across the phase boundary), stop
+        partial = train(tmp_path / "resumed", tiny_config(), tiny_train(), device="cpu", progress=False, max_steps=3)
+        assert partial.phase != "done"
+    resumed = train(tmp_path / "resumed", tiny_config(), tiny_train(), device="cpu", progress=False)
+    assert resumed.phase == "done" and resumed.step == straight.step
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path):
+    train(tmp_path / "run", tiny_config(), tiny_train(), device="cpu", progress=False, max_steps=1)
+    with pytest.raises(ConfigError, match="different model or training config"):
+        train(tmp_path / "run", tiny_config(), tiny_train(seed=4), device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="different model or training config"):
+        train(tmp_path / "run", tiny_config(model={"depth": 1}), tiny_train(), device="cpu", progress=False)
+
+
+def test_bad_training_config_and_damaged_state_give_one_line_errors(tmp_path: Path, capsys):
+    bad = tmp_path / "train.yaml"
+    bad.write_text(yaml.safe_dump({**TINY_TRAIN, "dit": {**TINY_TRAIN["dit"], "lr": -1}, "extra": 1}))
+    with pytest.raises(ConfigError, match=r"dit\.lr") as error:
+        load_train_config(bad)
+    assert "extra" in str(error.value)
+    assert main(["train", "--out", str(tmp_path / "run"), "--train-config", str(bad)]) == 2
+    assert "worldserve train: error:" in capsys.readouterr().err
+
+    train(tmp_path / "run2", tiny_config(), tiny_train(), device="cpu", progress=False, max_steps=1)
+    (tmp_path / "run2" / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot read the training state"):
+        train(tmp_path / "run2", tiny_config(), tiny_train(), device="cpu", progress=False)
