@@ -4,7 +4,8 @@
 # Settings are WORLDSERVE_* variables (server/settings.py) or `worldserve serve` flags; flags win. Change the port
 # with WORLDSERVE_PORT (not --port) so that the HEALTHCHECK follows it. Configs and weights are mountable:
 #   -v "$PWD/configs:/app/configs:ro" -v "$PWD/weights:/app/weights:ro"
-# A config names its weights with runtime.checkpoint, relative to the config's folder (../weights/model.safetensors).
+# A config names its weights with runtime.checkpoint, relative to the config's folder (../weights/model.safetensors);
+# the shipped default model is baked in (models/, which configs/default.yaml names as ../models/default.safetensors).
 
 # The browser client's one npm dependency (msgpack), exactly as client/web/package-lock.json pins it. The server
 # serves client/web/node_modules with the page; the final image takes the folder and no Node.
@@ -52,6 +53,7 @@ COPY --from=web /web/node_modules client/web/node_modules
 RUN pip install ".[gpu]" \
     && rm -rf build worldserve.egg-info
 COPY configs configs
+COPY models models
 RUN mkdir weights
 
 ENV WORLDSERVE_HOST=0.0.0.0 \

@@ -57,7 +57,7 @@ class AutoencoderConfig(_Section):
     channels: tuple[int, ...] = Field(
         (32, 64, 128), description="conv channels per stage; each stage halves height and width (count)"
     )
-    latent_channels: int = Field(8, ge=1, description="channels of the latent frame (count)")
+    latent_channels: int = Field(16, ge=1, description="channels of the latent frame (count)")
     latent_scale: float = Field(1.0, gt=0, description="latents are multiplied by this before diffusion (unitless)")
 
     @property
@@ -98,9 +98,9 @@ class ModelConfig(_Section):
     frame_width: int = Field(64, ge=1, description="width of a generated frame (pixels)")
     chunk_frames: int = Field(1, ge=1, description="frames generated per autoregressive step (frames)")
     patch_size: int = Field(2, ge=1, description="latent cells per token along each side (cells)")
-    dim: int = Field(192, ge=1, description="transformer width (features)")
+    dim: int = Field(160, ge=1, description="transformer width (features)")
     depth: int = Field(6, ge=1, description="transformer blocks (count)")
-    heads: int = Field(6, ge=1, description="attention heads per block (count)")
+    heads: int = Field(5, ge=1, description="attention heads per block (count)")
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / transformer width (ratio)")
     rope_theta: float = Field(10000.0, gt=1, description="rotary base period (positions)")
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="frame autoencoder")
