@@ -262,7 +262,8 @@ def learning_rate(phase: PhaseConfig, step: int) -> float:
 
 
 class TrainingRun:
-    """One run folder (module docstring): `run()` trains until both phases are done or `max_minutes` passed."""
+    """One run folder (module docstring): `run()` trains until both phases are done, `max_minutes` have passed
+    since it was called, it has taken `max_steps` optimiser steps, or SIGTERM arrives; it saves before returning."""
 
     def __init__(
         self,
@@ -311,9 +312,9 @@ class TrainingRun:
             return config, train
         stored = load_config(saved_config)
         stored_train = load_train_config(saved_train)
-        ours = config.model.model_dump()
-        theirs = stored.model.model_dump()
-        ours["autoencoder"].pop("latent_scale"), theirs["autoencoder"].pop("latent_scale")  # set by the run
+        ours, theirs = config.model.model_dump(), stored.model.model_dump()
+        for model in (ours, theirs):
+            del model["autoencoder"]["latent_scale"]  # the run measures and sets it
         if ours != theirs or stored_train != train:
             raise ConfigError(
                 f"{self.out} holds a run started with a different model or training config; "
