@@ -273,7 +273,8 @@ class Sizes:
     capacity_bytes: int | None  # all layers
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: the key and what is wrong with it, prefixed with `source` (a file or a name)."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -292,7 +293,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> WorldConfig:
     try:
         return WorldConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_validation_error(error, source)) from None
 
 
 def with_overrides(config: WorldConfig, overrides: dict[str, Any], source: str = "<overrides>") -> WorldConfig:
@@ -309,14 +310,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Wo
     `overrides` maps dotted keys (``cache.policy``) to values and is applied before validation.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value, str(path))
     config = parse_config(data, str(path))
@@ -325,6 +319,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Wo
         runtime = config.runtime.model_copy(update={"checkpoint": (path.parent / checkpoint).resolve()})
         config = config.model_copy(update={"runtime": runtime})
     return config
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (empty file: {}); unreadable files, bad YAML and other top-level
+    values are a ConfigError naming the file and `what` it was meant to be."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read {what}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from skimage.metrics import structural_similarity
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from engine.actions import Action
 from engine.bench_rollout import PSNR_CAP_DB
@@ -94,9 +94,11 @@ class EvalOptions:
 
 
 def psnr(predicted: np.ndarray, true: np.ndarray) -> float:
-    """PSNR in dB of uint8 frames, data range 255; identical frames count as PSNR_CAP_DB (not infinity)."""
-    mse = float(np.mean((predicted.astype(np.float64) - true.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10.0 * np.log10(255.0**2 / mse))
+    """PSNR in dB of uint8 frames (scikit-image, data range 255); identical frames count as PSNR_CAP_DB (not
+    infinity)."""
+    if np.array_equal(predicted, true):
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, float(peak_signal_noise_ratio(true, predicted, data_range=255)))
 
 
 def ssim(predicted: np.ndarray, true: np.ndarray) -> float:

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from engine.attention import SequenceAttention
 from engine.checkpoint import save_checkpoint
-from engine.config import ConfigError, WorldConfig, load_config
+from engine.config import ConfigError, WorldConfig, describe_validation_error, load_config, read_yaml_mapping
 from engine.dataset import action_array, record, train_spec
 from engine.model import WorldModel
 from engine.world_engine import resolve_device
@@ -103,17 +103,11 @@ class TrainConfig(_Section):
 
 def load_train_config(path: str | Path) -> TrainConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read training config: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml_mapping(path, "training config")
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in error.errors()]
-        raise ConfigError(f"{path}: invalid training config:\n" + "\n".join(lines)) from None
+        raise ConfigError(describe_validation_error(error, str(path))) from None
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
