@@ -15,6 +15,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for the whole test process. The tiny models gain nothing from more, and here torch runs on many
+# threads (pytest's, each test server's engine thread): each thread that runs a parallel CPU op gets its own OpenMP
+# pool, and two pools on 2 cores made a test server's engine thread step about 3x slower (measured; the server itself
+# runs every torch call on its one engine thread, see server/app.py).
+torch.set_num_threads(1)
+
 import yaml  # noqa: E402
 
 from engine import WorldConfig, WorldEngine, parse_config  # noqa: E402

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine import WorldEngine, load_config
 from engine.actions import IDLE
@@ -20,7 +19,6 @@ MAX_BYTES = 30 * 10**6  # the issue's budget for the shipped weights
 
 @pytest.fixture(scope="module")
 def engine() -> WorldEngine:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     return WorldEngine.from_config(load_config(ROOT / "configs" / "default.yaml", {"runtime.device": "cpu"}))
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from engine import IDLE, Action, WorldConfig
@@ -43,16 +42,6 @@ from tests.conftest import TINY, tiny_config, write_config
 
 KEYS = tiny_config().model.actions.keys
 SIZE = (16, 16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny tensors gain nothing from threads, and on a busy 2-core machine the OpenMP threads of two processes spin
-    # against each other (a tiny step went from 6 ms to 2 s)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _episodes(count: int, frames: int) -> list[Episode]:

@@ -137,21 +137,22 @@ async def test_a_client_that_stops_reading_harms_no_one(tiny_engine, tiny_config
             ]
             server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             await reader.frames(5)
+            session = server.state.manager.sessions[welcome.session_id]
             rss_before = _rss_bytes()
             started = time.monotonic()
-            received = len(await reader.frames(60, timeout=6.0))  # 3 s at 20 fps, while the other never reads
+            received = 0
+            # read the other client's frames until the stalled world has made 300 frames: a stalled socket that held
+            # its world back would stop it after a few, and the deadline would fail the test. Waiting on frames made,
+            # not on a fixed time, keeps the engine's speed on a busy machine out of what this test asserts.
+            async with asyncio.timeout(30.0):
+                while session.world.frame_index < 300:
+                    received += len(await reader.frames(1))
             elapsed = time.monotonic() - started
-            session = server.state.manager.sessions[welcome.session_id]
             made, sent, dropped = session.world.frame_index, session.stats.frames_sent, session.outbox.dropped
-            # its world kept going (200 fps asked; a stalled socket would have stopped it after a few frames). The
-            # bound is 50 fps, not the 100 fps this asserted before: after some torch work on the test process's main
-            # thread the test server's engine thread steps the tiny model ~3x slower (two OpenMP pools on 2 cores;
-            # not understood yet, see the notes), and the engine's speed is not what this test is about ...
-            assert made > 150, made
-            assert dropped > 100 and sent < made - 100, (made, sent, dropped)  # ... its frames replaced, not queued
+            assert dropped > 100 and sent < made - 100, (made, sent, dropped)  # its frames replaced, not queued
             assert _rss_bytes() - rss_before < 32 * 2**20
             ws.transport.abort()
-        assert received == 60 and elapsed < 4.0, elapsed
+        assert received >= 0.75 * 20 * elapsed, (received, elapsed)  # the reader kept its 20 fps all along
 
 
 async def test_engine_failure_ends_only_the_sessions_it_hit(tiny_engine, tiny_config_file: Path) -> None:
