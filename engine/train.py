@@ -30,6 +30,9 @@ A run folder holds `config.yaml` (the world config, with the trained latent_scal
 (everything to resume: phase, step, weights, optimiser, EMA, RNG), `model.safetensors` (the latest exportable
 checkpoint: EMA weights) and `log.jsonl`. Running the same command again resumes; the stream of data and noise
 is a function of (seed, step), so a resumed run is the run that was not interrupted.
+
+A run may also start from a trained checkpoint (`--init-from`), e.g. to train the shipped model's DiT longer on
+a new stream of episodes (`configs/train_finetune.yaml`: `autoencoder.steps: 0` skips phase 1, another `seed`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -53,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from engine.attention import SequenceAttention
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
 from engine.config import ConfigError, WorldConfig, describe_validation_error, load_config, read_yaml_mapping
 from engine.dataset import action_array, record, train_spec
 from engine.model import WorldModel
@@ -268,6 +270,7 @@ class TrainingRun:
         max_minutes: float | None = None,
         progress: bool = True,
         max_steps: int | None = None,
+        init_from: str | Path | None = None,
     ) -> None:
         self.out = Path(out)
         self.device = resolve_device(device)
@@ -291,7 +294,9 @@ class TrainingRun:
         self.pool: EpisodePool | None = None
         self._stop = False
         if (self.out / "state.pt").exists():
-            self._load_state()
+            self._load_state()  # a resumed run continues from its own state; init_from only starts one
+        else:
+            self._start(None if init_from is None else Path(init_from))
 
     # -- setup ---------------------------------------------------------------------------------------------------------
 
@@ -315,6 +320,24 @@ class TrainingRun:
                 "resume with the same configs or choose another --out"
             )
         return stored, stored_train
+
+    def _start(self, init_from: Path | None) -> None:
+        """A new run: from random weights, or from a trained checkpoint's (its latent_scale included). A phase of
+        0 steps is skipped, so `autoencoder.steps: 0` fine-tunes the DiT of `init_from` on fresh episodes."""
+        if init_from is not None:
+            try:
+                self._set_latent_scale(read_model_config(init_from).autoencoder.latent_scale)
+                load_checkpoint(init_from, self.model)
+            except CheckpointError as error:
+                raise ConfigError(f"--init-from: {error}") from None
+            self.ema.load_state_dict(self.model.state_dict())
+            self._log(event="initialised", init_from=str(init_from))
+        if self.train.autoencoder.steps == 0:
+            if init_from is None:
+                raise ConfigError("autoencoder.steps is 0: the DiT needs a trained autoencoder; pass --init-from")
+            self.model.autoencoder.requires_grad_(False)
+            self.phase = "dit"
+            self.optimizer = self._optimizer()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         if self.phase == "autoencoder":
@@ -386,7 +409,6 @@ class TrainingRun:
 
     def run(self) -> None:
         self._session_started = time.perf_counter()
-        torch.set_num_threads(os.cpu_count() or 1)
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         try:
             while self.phase != "done" and not self._out_of_time():
@@ -522,9 +544,11 @@ def train(
     max_minutes: float | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainingRun:
     """Train (or resume) the run in `out` until both phases are done, `max_minutes` have passed or `max_steps`
-    optimiser steps were taken in this call; returns the run, whose `phase` is "done" when both phases finished."""
-    run = TrainingRun(out, config, train_config, device, max_minutes, progress, max_steps)
+    optimiser steps were taken in this call; returns the run, whose `phase` is "done" when both phases finished.
+    A new run starts from the weights of checkpoint `init_from` when given (ignored when resuming)."""
+    run = TrainingRun(out, config, train_config, device, max_minutes, progress, max_steps, init_from)
     run.run()
     return run

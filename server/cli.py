@@ -262,7 +262,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, dict(args.overrides))
     began = time.perf_counter()
     schedule = load_train_config(args.train_config)
-    run = train(args.out, config, schedule, args.device, args.max_minutes, max_steps=args.max_steps)
+    run = train(
+        args.out, config, schedule, args.device, args.max_minutes, max_steps=args.max_steps, init_from=args.init_from
+    )
     minutes = (time.perf_counter() - began) / 60
     if run.phase == "done":
         print(f"training done in {args.out} ({run.elapsed / 60:.1f} min of steps in all): {args.out}/model.safetensors")
@@ -410,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes", type=float, help="stop (and save) after this many minutes; run again to resume"
     )
     training.add_argument("--max-steps", type=int, help="stop (and save) after this many optimiser steps")
+    training.add_argument(
+        "--init-from",
+        type=Path,
+        help="start a new run from the weights of this checkpoint (e.g. models/default.safetensors); ignored on resume",
+    )
     _add_set_argument(training, "override a world-config key, e.g. --set model.depth=4 (repeatable)")
     training.set_defaults(run=cmd_train)
 

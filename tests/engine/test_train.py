@@ -165,6 +165,40 @@ def test_resume_refuses_a_different_config(tmp_path: Path):
         train(tmp_path / "run", tiny_config(model={"depth": 1}), tiny_train(), device="cpu", progress=False)
 
 
+def test_a_run_started_from_a_checkpoint_fine_tunes_its_dit_and_keeps_its_autoencoder(tmp_path: Path):
+    base = train(tmp_path / "base", tiny_config(), tiny_train(), device="cpu", progress=False)
+    start = tmp_path / "base" / "model.safetensors"
+    finetune = tiny_train(seed=4, autoencoder={**TINY_TRAIN["autoencoder"], "steps": 0})
+    run = train(tmp_path / "fine", tiny_config(), finetune, device="cpu", progress=False, init_from=start)
+    assert run.phase == "done" and run.step == TINY_TRAIN["dit"]["steps"]  # no autoencoder steps were taken
+    scale = base.config.model.autoencoder.latent_scale
+    assert load_config(tmp_path / "fine" / "config.yaml").model.autoencoder.latent_scale == scale
+    before, after = load_file(start), load_file(tmp_path / "fine" / "model.safetensors")
+    for name in before:
+        if name.startswith("autoencoder."):
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(after[name], before[name]) for name in before if name.startswith("dit."))
+    assert '"init_from"' in (tmp_path / "fine" / "log.jsonl").read_text()
+
+
+def test_fine_tuning_needs_a_matching_checkpoint(tmp_path: Path):
+    no_autoencoder = tiny_train(autoencoder={**TINY_TRAIN["autoencoder"], "steps": 0})
+    with pytest.raises(ConfigError, match="init-from"):
+        train(tmp_path / "a", tiny_config(), no_autoencoder, device="cpu", progress=False)
+    train(tmp_path / "base", tiny_config(), tiny_train(), device="cpu", progress=False, max_steps=1)
+    with pytest.raises(ConfigError, match="different model"):
+        train(
+            tmp_path / "b",
+            tiny_config(model={"depth": 1}),
+            no_autoencoder,
+            device="cpu",
+            progress=False,
+            init_from=tmp_path / "base" / "model.safetensors",
+        )
+    with pytest.raises(ConfigError, match="not found"):
+        train(tmp_path / "c", tiny_config(), no_autoencoder, device="cpu", progress=False, init_from=tmp_path / "x")
+
+
 def test_bad_training_config_and_damaged_state_give_one_line_errors(tmp_path: Path, capsys):
     bad = tmp_path / "train.yaml"
     bad.write_text(yaml.safe_dump({**TINY_TRAIN, "dit": {**TINY_TRAIN["dit"], "lr": -1}, "extra": 1}))
