@@ -132,6 +132,12 @@ class SamplerConfig(_Section):
     context_noise: float = Field(
         0.0, ge=0, lt=1, description="noise level at which finished frames are written into the cache (0 = clean)"
     )
+    guidance: float = Field(
+        1.5,
+        ge=1,
+        description="classifier-free guidance on the prompt: v = v_free + guidance (v_prompt - v_free), one more DiT "
+        "pass per denoising step; 1 = off (unitless)",
+    )
 
 
 class CacheConfig(_Section):

@@ -24,6 +24,7 @@ class FlowSampler:
         self.steps = config.steps
         self.shift = config.shift
         self.context_noise = config.context_noise
+        self.guidance = config.guidance
 
     def timesteps(self) -> list[float]:
         """steps + 1 noise levels from 1.0 down to 0.0."""

@@ -74,6 +74,8 @@ class WorldEngine:
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
         self.sampler = FlowSampler(config.sampler)
+        with torch.no_grad():
+            self._free_prompt = model.prompt_encoder([""])  # what prompt dropout trained: the unconditional branch
         self.action_space = model.action_space
         attention = config.attention
         self.meter = AttentionMeter() if attention.measure else None
@@ -193,9 +195,20 @@ class WorldEngine:
         # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
         shared = StepSlots()
 
+        guidance = self.sampler.guidance
+        free = PromptTokens.stack([self._free_prompt] * B) if guidance != 1.0 else None
+
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
-            return self.model.dit(x, x.new_full((B, T), t), encoded, prompt, attention)
+            def v(given: PromptTokens) -> torch.Tensor:
+                attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
+                return self.model.dit(x, x.new_full((B, T), t), encoded, given, attention)
+
+            if free is None:
+                return v(prompt)
+            # classifier-free guidance: the model learned the prompt-free velocity through prompt dropout; the
+            # history (the cache) is the same for both passes
+            v_free = v(free)
+            return v_free + guidance * (v(prompt) - v_free)
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, prompt, pos, first_frames, shared)

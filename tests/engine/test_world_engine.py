@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from engine import IDLE, Action, WorldEngine
 from tests.conftest import tiny_config
@@ -61,6 +62,34 @@ def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> 
             # uint8 frames; batched matmuls may round differently in the last float bit
             assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
     assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
+
+
+def test_guidance_strengthens_the_prompt_and_leaves_an_empty_prompt_alone(tiny_engine: WorldEngine) -> None:
+    guided = tiny_engine.sibling(tiny_config(sampler={"guidance": 2.0}))
+    plan = [FORWARD, TURN, IDLE]
+    # without a prompt the prompted and the prompt-free velocities are the same: guidance changes nothing, exactly
+    assert all(np.array_equal(a, b) for a, b in zip(_rollout(guided, 4, plan), _rollout(tiny_engine, 4, plan)))
+    plain, strong = _rollout(tiny_engine, 4, plan, "icy cave"), _rollout(guided, 4, plan, "icy cave")
+    assert not np.array_equal(plain[0], strong[0])
+    # per world in a batch: a prompt-free world batched with a prompted one is still unchanged
+    worlds = [guided.new_world("", seed=4), guided.new_world("icy cave", seed=4)]
+    batched = [guided.step(worlds, [a, a]) for a in plan]
+    free = _rollout(tiny_engine, 4, plan)
+    for k in range(len(plan)):
+        assert np.abs(batched[k][0][0].astype(int) - free[k].astype(int)).max() <= 1  # batched: last-bit rounding
+        assert np.abs(batched[k][1][0].astype(int) - strong[k].astype(int)).max() <= 1
+
+
+def test_guided_velocity_extrapolates_from_the_prompt_free_one_by_the_guidance_scale(tiny_engine: WorldEngine) -> None:
+    # one Euler step from t = 1: latents = noise - v, and v = v_free + g (v_prompt - v_free) is linear in g
+    def latents(guidance: float) -> torch.Tensor:
+        engine = tiny_engine.sibling(tiny_config(sampler={"steps": 1, "guidance": guidance}))
+        world = engine.new_world("green hedge maze", seed=2)
+        return engine._denoise([world], [FORWARD]).clean.double()
+
+    one, two, three = latents(1.0), latents(2.0), latents(3.0)
+    assert not torch.allclose(two, one)
+    torch.testing.assert_close(three - two, two - one, rtol=0, atol=1e-4)
 
 
 def test_unknown_keys_are_counted_per_world(tiny_engine: WorldEngine) -> None:
