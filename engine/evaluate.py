@@ -409,6 +409,18 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
     }
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader of the report should see it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _sampler_line(sampler: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in sampler.items())
+
+
 # ---- the whole evaluation and its files ----------------------------------------------------------------------------
 
 
@@ -461,7 +473,8 @@ def run_eval(
     report = {
         "format": EVAL_FORMAT,
         "config": None if config_path is None else str(config_path),
-        "checkpoint": None if config.runtime.checkpoint is None else str(config.runtime.checkpoint),
+        "checkpoint": None if config.runtime.checkpoint is None else _shown(config.runtime.checkpoint),
+        "sampler": config.sampler.model_dump(),
         "attention_policy": engine.policy.name,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
@@ -513,7 +526,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Eval: {report['config'] or 'config'} ({report['checkpoint'] or 'random weights'})",
         "",
         f"{len(report['heldout_seeds'])} held-out maze seeds, {report['device']} ({report['torch_threads']} torch "
-        f"threads), policy {report['attention_policy']}, {report['seconds']['total']:.0f} s; definitions in "
+        f"threads), policy {report['attention_policy']}, {_sampler_line(report['sampler'])}, "
+        f"{report['seconds']['total']:.0f} s; definitions in "
         "docs/eval.md.",
         "",
         "| metric | model | copy last frame |",

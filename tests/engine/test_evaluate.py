@@ -228,6 +228,7 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert report["heldout_seeds"] == [10**9, 10**9 + 1, 10**9 + 2]
     assert report["config"] == str(config) and report["checkpoint"] is None and report["device"] == "cpu"
     assert report["torch_threads"] == 1 and set(report["seconds"]) >= {"teacher_forced", "stability", "total"}
+    assert report["sampler"]["guidance"] == TINY["sampler"]["guidance"]
     stable = report["stability"]
     assert set(stable["policies"]) == {"window", "tempcache+annsa"}
     for run in stable["policies"].values():
