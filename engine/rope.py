@@ -26,11 +26,16 @@ class Rope3D(nn.Module):
             half = width // 2
             freqs[axis, start : start + half] = theta ** (-torch.arange(half, dtype=torch.float32) / half)
             start += half
-        self.register_buffer("freqs", freqs, persistent=False)
+        # not a buffer: Module.to(bfloat16) would round it, and angles thousands of frames in need float32
+        self.freqs = freqs
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate x (..., N, h, d) by integer positions pos (..., N, 3) = (t, y, x); returns x's dtype."""
-        angles = (pos.to(torch.float32) @ self.freqs).unsqueeze(-2)  # (..., N, 1, d/2)
+        """Rotate x (..., N, h, d) by integer positions pos (..., N, 3) = (t, y, x); returns x's dtype. The angles
+        and the rotation are computed in float32 whatever x's dtype."""
+        if self.freqs.device != pos.device:
+            self.freqs = self.freqs.to(pos.device)
+        # elementwise, not a matmul: autocast (bfloat16 training on a GPU) would run a matmul in bfloat16
+        angles = (pos.to(torch.float32).unsqueeze(-1) * self.freqs).sum(-2).unsqueeze(-2)  # (..., N, 1, d/2)
         turn = torch.complex(angles.cos(), angles.sin())
         pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (..., N, h, d/2) complex
         return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)

@@ -94,6 +94,9 @@ class WorldEngine:
         else:
             model.init_random_(config.runtime.init_seed)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # the autoencoder stays in float32: it is small, and the shipped one's unscaled latents reach ~6e4, at the
+        # edge of float16's range
+        model.autoencoder.float()
         return cls(config, model, device, dtype)
 
     def sibling(self, config: WorldConfig) -> WorldEngine:
@@ -169,7 +172,7 @@ class WorldEngine:
         if len(actions) != len(frames) or not all(isinstance(a, Action) for a in actions):
             raise ValueError(f"observe needs one Action per frame: got {len(actions)} for {len(frames)} frames")
         T = self.chunk_frames
-        latents = self.model.autoencoder.encode(torch.from_numpy(frames))  # (T0, C, h, w)
+        latents = self.model.autoencoder.encode(torch.from_numpy(frames)).to(self.dtype)  # (T0, C, h, w)
         for start in range(0, len(frames), T):
             first_frames = [world.frame_index]
             pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (1, N, 3)
@@ -216,7 +219,7 @@ class WorldEngine:
     def _decode(self, clean: torch.Tensor) -> list[list[np.ndarray]]:
         """Latents (B, T, C, h, w) -> per world its T uint8 (H, W, 3) frames (the copy to host synchronises)."""
         B, T = clean.shape[:2]
-        frames = self.model.autoencoder.decode(clean.flatten(0, 1)).cpu().numpy()  # (B T, H, W, 3)
+        frames = self.model.autoencoder.decode(clean.flatten(0, 1).float()).cpu().numpy()  # (B T, H, W, 3)
         return [list(frames[b * T : (b + 1) * T]) for b in range(B)]
 
     def _encode_actions(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> torch.Tensor:

@@ -31,3 +31,14 @@ def test_scores_depend_only_on_relative_position() -> None:
         moved = [3, 1, 2]
         moved[axis] += 1
         assert not torch.allclose(score(moved, [1, 0, 0]), base)
+
+
+def test_angles_stay_float32_under_a_bfloat16_model_and_autocast() -> None:
+    # a bfloat16 angle at frame 3000 is off by several radians; the GPU runs bfloat16 models and autocast training
+    rope = Rope3D(32, 10000.0)
+    pos = torch.randint(0, 3000, (2, 16, 3))
+    x = torch.randn(2, 16, 2, 32)
+    exact = rope.rotate(x, pos)
+    rope.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(rope.rotate(x, pos), exact, rtol=0, atol=0)

@@ -92,6 +92,19 @@ def test_guided_velocity_extrapolates_from_the_prompt_free_one_by_the_guidance_s
     torch.testing.assert_close(three - two, two - one, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_engines_make_the_float32_frames(dtype: str) -> None:
+    # bfloat16 is what a GPU runs by default (runtime.dtype auto); the CPU runs the same code paths
+    plan = [FORWARD, TURN, IDLE, FORWARD]
+    sections = {"cache": {"policy": "tempcache"}, "attention": {"annsa": True, "annca": True}}
+    exact = _rollout(WorldEngine.from_config(tiny_config(**sections)), 5, plan, "icy cave")
+    reduced_engine = WorldEngine.from_config(tiny_config(**sections, runtime={"dtype": dtype}))
+    reduced = _rollout(reduced_engine, 5, plan, "icy cave")
+    assert reduced_engine.model.dit.blocks[0].qkv.weight.dtype == getattr(torch, dtype)
+    for a, b in zip(exact, reduced):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+
+
 def test_unknown_keys_are_counted_per_world(tiny_engine: WorldEngine) -> None:
     a, b = tiny_engine.new_world(), tiny_engine.new_world()
     tiny_engine.step([a, b], [Action(frozenset({"KeyW", "KeyZ", "Numpad7"})), FORWARD])
