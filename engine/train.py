@@ -331,13 +331,14 @@ class TrainingRun:
             except CheckpointError as error:
                 raise ConfigError(f"--init-from: {error}") from None
             self.ema.load_state_dict(self.model.state_dict())
-            self._log(event="initialised", init_from=str(init_from))
         if self.train.autoencoder.steps == 0:
             if init_from is None:
                 raise ConfigError("autoencoder.steps is 0: the DiT needs a trained autoencoder; pass --init-from")
             self.model.autoencoder.requires_grad_(False)
             self.phase = "dit"
             self.optimizer = self._optimizer()
+        if init_from is not None:
+            self._log(event="initialised", init_from=str(init_from))  # in the phase the run starts in
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         if self.phase == "autoencoder":
