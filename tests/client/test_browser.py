@@ -159,6 +159,14 @@ async def hud(page: Any, name: str) -> str:
     return await page.get_attribute(f'[data-hud="{name}"]', "data-value")
 
 
+async def hud_number(page: Any, name: str, timeout_s: float = 5.0) -> int:
+    """A HUD value as a number, once the HUD has shown one (it redraws every 250 ms, not on every frame)."""
+    async with asyncio.timeout(timeout_s):
+        while (value := await hud(page, name)) is None:
+            await asyncio.sleep(0.05)
+    return int(value)
+
+
 async def eventually(check: Any, timeout_s: float = 20.0) -> None:
     """Wait until `check()`, a condition on the server side, holds."""
     async with asyncio.timeout(timeout_s):
@@ -209,7 +217,7 @@ async def test_page_draws_frames_and_input_reaches_the_world(
         keys = await page.eval_on_selector_all(".key", "buttons => buttons.map(b => b.dataset.code)")
         assert keys == list(server.state.engines["dense"].action_space.keys), "the legend is the announced spec"
 
-        first = int(await hud(page, "frame"))
+        first = await hud_number(page, "frame")
         await page.keyboard.down("KeyW")
         await eventually(lambda: any("KeyW" in keys for keys in applied_keys))
         await until(page, "s.framesShown >= arg", (await state(page))["framesShown"] + 5)
@@ -321,7 +329,7 @@ async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
         assert (game.seed, game.prompt) == (5, "an icy cave")
         assert await page.get_attribute("#game-screen", "data-frame-width") == "16"
 
-        model_first, game_first = int(await hud(page, "frame")), int(await hud(page, "game_frame"))
+        model_first, game_first = await hud_number(page, "frame"), await hud_number(page, "game_frame")
         await page.keyboard.down("KeyW")
         await eventually(lambda: any("KeyW" in keys for keys in applied_keys))
         await eventually(lambda: any("KeyW" in keys for keys in game_keys))
