@@ -324,13 +324,6 @@ class TrainingRun:
     def _start(self, init_from: Path | None) -> None:
         """A new run: from random weights, or from a trained checkpoint's (its latent_scale included). A phase of
         0 steps is skipped, so `autoencoder.steps: 0` fine-tunes the DiT of `init_from` on fresh episodes."""
-        if init_from is not None:
-            try:
-                self._set_latent_scale(read_model_config(init_from).autoencoder.latent_scale)
-                load_checkpoint(init_from, self.model)
-            except CheckpointError as error:
-                raise ConfigError(f"--init-from: {error}") from None
-            self.ema.load_state_dict(self.model.state_dict())
         if self.train.autoencoder.steps == 0:
             if init_from is None:
                 raise ConfigError("autoencoder.steps is 0: the DiT needs a trained autoencoder; pass --init-from")
@@ -338,7 +331,13 @@ class TrainingRun:
             self.phase = "dit"
             self.optimizer = self._optimizer()
         if init_from is not None:
-            self._log(event="initialised", init_from=str(init_from))  # in the phase the run starts in
+            try:
+                self._set_latent_scale(read_model_config(init_from).autoencoder.latent_scale)
+                load_checkpoint(init_from, self.model)  # in place: the optimiser's parameters stay the same
+            except CheckpointError as error:
+                raise ConfigError(f"--init-from: {error}") from None
+            self.ema.load_state_dict(self.model.state_dict())
+            self._log(event="initialised", init_from=str(init_from))
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         if self.phase == "autoencoder":
