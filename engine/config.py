@@ -133,10 +133,16 @@ class SamplerConfig(_Section):
         0.0, ge=0, lt=1, description="noise level at which finished frames are written into the cache (0 = clean)"
     )
     guidance: float = Field(
-        1.5,
+        1.0,
         ge=1,
         description="classifier-free guidance on the prompt: v = v_free + guidance (v_prompt - v_free), one more DiT "
         "pass per denoising step; 1 = off (unitless)",
+    )
+    action_guidance: float = Field(
+        0.0,
+        ge=0,
+        description="guidance on the action against standing still: v += action_guidance (v(action) - v(idle)), "
+        "one more DiT pass per denoising step; 0 = off (unitless)",
     )
 
 

@@ -25,6 +25,7 @@ class FlowSampler:
         self.shift = config.shift
         self.context_noise = config.context_noise
         self.guidance = config.guidance
+        self.action_guidance = config.action_guidance
 
     def timesteps(self) -> list[float]:
         """steps + 1 noise levels from 1.0 down to 0.0."""

@@ -198,20 +198,26 @@ class WorldEngine:
         # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
         shared = StepSlots()
 
-        guidance = self.sampler.guidance
+        guidance, action_guidance = self.sampler.guidance, self.sampler.action_guidance
         free = PromptTokens.stack([self._free_prompt] * B) if guidance != 1.0 else None
+        idle = self._encode_actions(worlds, [IDLE] * B) if action_guidance else None
 
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            def v(given: PromptTokens) -> torch.Tensor:
+            def v(given: PromptTokens, acting: torch.Tensor) -> torch.Tensor:
                 attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
-                return self.model.dit(x, x.new_full((B, T), t), encoded, given, attention)
+                return self.model.dit(x, x.new_full((B, T), t), acting, given, attention)
 
-            if free is None:
-                return v(prompt)
-            # classifier-free guidance: the model learned the prompt-free velocity through prompt dropout; the
-            # history (the cache) is the same for both passes
-            v_free = v(free)
-            return v_free + guidance * (v(prompt) - v_free)
+            # every pass reads the same history (the cache); only the current chunk's conditioning differs
+            v_prompt = v(prompt, encoded)
+            guided = v_prompt
+            if free is not None:
+                # classifier-free guidance: the model learned the prompt-free velocity through prompt dropout
+                v_free = v(free, encoded)
+                guided = v_free + guidance * (v_prompt - v_free)
+            if idle is not None:
+                # action guidance: standing still is the action's natural null; a world standing still is unchanged
+                guided = guided + action_guidance * (v_prompt - v(prompt, idle))
+            return guided
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, prompt, pos, first_frames, shared)

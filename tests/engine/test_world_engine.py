@@ -92,6 +92,37 @@ def test_guided_velocity_extrapolates_from_the_prompt_free_one_by_the_guidance_s
     torch.testing.assert_close(three - two, two - one, rtol=0, atol=1e-4)
 
 
+def test_action_guidance_strengthens_moving_and_leaves_standing_still_alone(tiny_engine: WorldEngine) -> None:
+    guided = tiny_engine.sibling(tiny_config(sampler={"action_guidance": 1.0}))
+    # standing still: the action and its null are the same, so the guided velocity is the plain one, exactly
+    assert all(
+        np.array_equal(a, b) for a, b in zip(_rollout(guided, 3, [IDLE] * 3), _rollout(tiny_engine, 3, [IDLE] * 3))
+    )
+    plan = [FORWARD, TURN, FORWARD]
+    plain, strong = _rollout(tiny_engine, 3, plan, "icy cave"), _rollout(guided, 3, plan, "icy cave")
+    assert not np.array_equal(plain[0], strong[0])
+    # per world in a batch: a world standing still beside a moving one is still unchanged
+    worlds = [guided.new_world("icy cave", seed=3), guided.new_world("icy cave", seed=3)]
+    still = _rollout(tiny_engine, 3, [IDLE] * 3, "icy cave")
+    for k, action in enumerate(plan):
+        [[idle], [moving]] = guided.step(worlds, [IDLE, action])
+        assert np.abs(idle.astype(int) - still[k].astype(int)).max() <= 1  # batched: last-bit rounding
+        assert np.abs(moving.astype(int) - strong[k].astype(int)).max() <= 1
+
+
+def test_action_guided_velocity_extrapolates_from_standing_still_by_its_scale(tiny_engine: WorldEngine) -> None:
+    # one Euler step from t = 1 with prompt guidance on as well: v = v_cfg + w (v(action) - v(idle)), linear in w
+    def latents(weight: float) -> torch.Tensor:
+        sampler = {"steps": 1, "guidance": 2.0, "action_guidance": weight}
+        engine = tiny_engine.sibling(tiny_config(sampler=sampler))
+        world = engine.new_world("green hedge maze", seed=2)
+        return engine._denoise([world], [TURN]).clean.double()
+
+    zero, one, two = latents(0.0), latents(1.0), latents(2.0)
+    assert not torch.allclose(one, zero)
+    torch.testing.assert_close(two - one, one - zero, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_engines_make_the_float32_frames(dtype: str) -> None:
     # bfloat16 is what a GPU runs by default (runtime.dtype auto); the CPU runs the same code paths
