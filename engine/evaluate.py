@@ -386,6 +386,7 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
             "ok": all(checks.values()),
             "ok_by_statistic": checks,
             "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
+            "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
             "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
             "seconds": round(time.perf_counter() - began, 2),
         }
@@ -402,6 +403,7 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         "margin": STABILITY_MARGIN,
         "game": {
             "range": {k: [round(low, 2), round(high, 2)] for k, (low, high) in bounds.items()},
+            "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in game_stats.items()},
             "series": {k: np.round(v, 2).tolist() for k, v in game_stats.items()},
         },
         "policies": runs,
@@ -520,7 +522,11 @@ def markdown(report: dict[str, Any]) -> str:
     base = report["baselines"]["copy_last"]
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
-    verdicts = ", ".join(f"{name} {'ok' if run['ok'] else 'OUT'}" for name, run in stable["policies"].items())
+    game_change = stable["game"]["mean_by_statistic"]["change"]
+    verdicts = ", ".join(
+        f"{name} {'ok' if run['ok'] else 'OUT'} ({_percent(run['mean_by_statistic']['change'], game_change)})"
+        for name, run in stable["policies"].items()
+    )
     control = report["controllability"]
     lines = [
         f"# Eval: {report['config'] or 'config'} ({report['checkpoint'] or 'random weights'})",
@@ -543,13 +549,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) |",
-        f"| stability over {stable['frames']} frames | {'ok' if report['stability_ok'] else 'NOT ok'} "
-        f"({verdicts}) | - |",
+        f"| stability over {stable['frames']} frames (policy, verdict, frame change against the game's) | "
+        f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
         f"{report['cpu_fps_at_1000']:.1f} | - |",
         "",
     ]
     return "\n".join(lines)
+
+
+def _percent(value: float, reference: float) -> str:
+    return f"{100 * value / reference:.0f}%" if reference else "-"
 
 
 def strip(game: np.ndarray, model: np.ndarray, scale: int = 2) -> Image.Image:

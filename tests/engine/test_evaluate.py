@@ -234,7 +234,8 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for run in stable["policies"].values():
         assert set(run["series"]) == {"mean", "contrast", "change"} and len(run["series"]["mean"]) == 39
         assert run["ok"] == all(run["ok_by_statistic"].values())
-    assert set(stable["game"]["range"]) == {"mean", "contrast", "change"}
+        assert run["mean_by_statistic"]["change"] == pytest.approx(np.mean(run["series"]["change"]), abs=0.01)
+    assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == {"mean", "contrast", "change"}
     assert Image.open(out / "strip.png").size == (48 + 32 * 16 * 2, 14 + 2 * 16 * 2)
     assert Image.open(out / "stability.png").size[0] > 0
     printed = capsys.readouterr().out
