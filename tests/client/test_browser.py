@@ -432,7 +432,7 @@ async def test_screenshots_at_1280x720_and_phone_size_without_overlaps(tmp_path:
     on a phone-sized view: every control inside the view, none over another."""
     async with run_server(None, DEFAULT_CONFIG, attention_presets=ALL_ATTENTION) as server, chromium() as browser:
         for name, viewport in (("browser", WIDE), ("browser-phone", PHONE)):
-            page = await open_page(browser, f"{server.http}/?prompt=a%20stone%20dungeon&seed=7", viewport)
+            page = await open_page(browser, f"{server.http}/?prompt=red%20brick%20dungeon&seed=7", viewport)
             await until(page, "s.connection === 'open' && s.framesShown >= 15", timeout_s=60)  # a steady HUD
             await page.keyboard.down("KeyW")  # a latency sample for the HUD
             await until(page, "s.latencyMs !== null", timeout_s=60)
