@@ -77,6 +77,8 @@ class WorldEngine:
         with torch.no_grad():
             self._free_prompt = model.prompt_encoder([""])  # what prompt dropout trained: the unconditional branch
         self.action_space = model.action_space
+        # action guidance's null: a chunk of standing still, (T, A)
+        self._idle_actions = self.action_space.encode([IDLE] * self.chunk_frames)[0].to(device, dtype)
         attention = config.attention
         self.meter = AttentionMeter() if attention.measure else None
         self.sparse = None
@@ -200,7 +202,7 @@ class WorldEngine:
 
         guidance, action_guidance = self.sampler.guidance, self.sampler.action_guidance
         free = PromptTokens.stack([self._free_prompt] * B) if guidance != 1.0 else None
-        idle = self._encode_actions(worlds, [IDLE] * B) if action_guidance else None
+        idle = self._idle_actions.expand(B, -1, -1) if action_guidance else None
 
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             def v(given: PromptTokens, acting: torch.Tensor) -> torch.Tensor:
