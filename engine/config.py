@@ -144,6 +144,12 @@ class SamplerConfig(_Section):
         description="guidance on the action against standing still: v += action_guidance (v(action) - v(idle)), "
         "one more DiT pass per denoising step; 0 = off (unitless)",
     )
+    reencode: bool = Field(
+        False,
+        description="write each generated frame into the history as the autoencoder's encoding of the decoded frame "
+        "(what the player saw, as observe writes true frames), not the denoised latent: keeps the history on the "
+        "latents the DiT was trained on; one encoder pass per frame",
+    )
 
 
 class CacheConfig(_Section):

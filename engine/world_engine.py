@@ -8,7 +8,8 @@ One `step` is one batched call for all the worlds given: projections and feed-fo
 batch; attention runs per world over its own cache length (see engine/attention.py), so worlds that started at
 different times batch together without padding.
 
-`step` is `predict` (denoise and decode the next chunk) followed by the commit (write it into the caches). For
+`step` is `predict` (denoise and decode the next chunk) followed by the commit (write it into the caches: with
+`sampler.reencode`, the encoding of its decoded frames, as `observe` writes true frames). For
 evaluation against ground truth the two halves are also public: teacher forcing predicts from the true history and
 then writes the TRUE frame instead of the prediction,
 
@@ -136,22 +137,27 @@ class WorldEngine:
         """Advance every world by one chunk in one batched call; returns per world its chunk's frames, each a uint8
         (H, W, 3) array. Worlds must be distinct and made by this engine."""
         started = time.perf_counter()
+        B, T = len(worlds), self.chunk_frames
         # 1. denoise the next chunk from each world's own noise (the caches are only read)
         chunk = self._denoise(worlds, actions)
-        # 2. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(worlds, chunk.clean, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
-        # 3. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
-        # their own, each commented where it happens)
+        # 2. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
+        # their own, each commented where it happens); with `reencode`, the frames' encoding becomes the history
         decode_started = time.perf_counter()
-        frames = self._decode(chunk.clean)
+        pixels = self._pixels(chunk.clean)  # (B T, H, W, 3)
+        history = chunk.clean
+        if self.config.sampler.reencode:
+            history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
+        frames = self._frames(pixels, B)
+        decoded = time.perf_counter()
+        # 3. one more pass at context noise writes the chunk's keys and values into the caches
+        self._commit(worlds, history, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
         finished = time.perf_counter()
         # 4. advance the worlds
-        T = self.chunk_frames
         for world in worlds:
             world.frame_index += T
             world.stats.frames += T
             world.stats.last_step_ms = (finished - started) * 1e3
-            world.stats.last_decode_ms = (finished - decode_started) * 1e3
+            world.stats.last_decode_ms = (decoded - decode_started) * 1e3
         return frames
 
     @torch.no_grad()
@@ -160,7 +166,7 @@ class WorldEngine:
         writing them into the caches: each world's cache and `frame_index` stay as they were. Each world's random
         generator DOES advance (its noise is drawn), so a later call draws the noise of the chunk after. Returns per
         world its chunk's frames, uint8 (H, W, 3) arrays. Follow with `observe` to write the true frames instead."""
-        return self._decode(self._denoise(worlds, actions).clean)
+        return self._frames(self._pixels(self._denoise(worlds, actions).clean), len(worlds))
 
     @torch.no_grad()
     def observe(self, world: World, frames: np.ndarray, actions: Sequence[Action]) -> None:
@@ -224,11 +230,14 @@ class WorldEngine:
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, prompt, pos, first_frames, shared)
 
-    def _decode(self, clean: torch.Tensor) -> list[list[np.ndarray]]:
-        """Latents (B, T, C, h, w) -> per world its T uint8 (H, W, 3) frames (the copy to host synchronises)."""
-        B, T = clean.shape[:2]
-        frames = self.model.autoencoder.decode(clean.flatten(0, 1).float()).cpu().numpy()  # (B T, H, W, 3)
-        return [list(frames[b * T : (b + 1) * T]) for b in range(B)]
+    def _pixels(self, clean: torch.Tensor) -> torch.Tensor:
+        """Latents (B, T, C, h, w) -> uint8 frames (B T, H, W, 3) on the device."""
+        return self.model.autoencoder.decode(clean.flatten(0, 1).float())
+
+    def _frames(self, pixels: torch.Tensor, worlds: int) -> list[list[np.ndarray]]:
+        """uint8 frames (B T, H, W, 3) -> per world its T (H, W, 3) arrays on the host (the copy synchronises)."""
+        T, frames = self.chunk_frames, pixels.cpu().numpy()
+        return [list(frames[b * T : (b + 1) * T]) for b in range(worlds)]
 
     def _encode_actions(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> torch.Tensor:
         T = self.chunk_frames

@@ -282,3 +282,31 @@ def test_observe_rejects_bad_frames_and_actions(tiny_engine: WorldEngine) -> Non
     with pytest.raises(ValueError, match="only once per step"):
         tiny_engine.predict([world, world], [IDLE, IDLE])
     assert world.frame_index == 0 and world.cache.tokens_per_layer() == [0, 0]
+
+
+def _cached(world) -> list[torch.Tensor]:
+    """Every layer's keys and values in use."""
+    return [t[: layer.length] for layer in world.cache.layers for t in (layer.key, layer.value)]
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 2])
+def test_reencoding_writes_a_generated_chunk_as_observing_its_frames_would(chunk_frames: int) -> None:
+    engine = WorldEngine.from_config(tiny_config(model={"chunk_frames": chunk_frames}, sampler={"reencode": True}))
+    stepping, observing = engine.new_world("icy cave", seed=4), engine.new_world("icy cave", seed=4)
+    for action in (FORWARD, TURN, FORWARD):
+        stepped = engine.step([stepping], [action])[0]
+        predicted = engine.predict([observing], [action])[0]  # the same noise: the worlds' histories are the same
+        assert all(np.array_equal(s, p) for s, p in zip(stepped, predicted))
+        engine.observe(observing, np.stack(stepped), [action] * chunk_frames)
+    for a, b in zip(_cached(stepping), _cached(observing), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_without_reencoding_the_history_holds_the_denoised_latents() -> None:
+    engine = WorldEngine.from_config(tiny_config(sampler={"reencode": False}))
+    stepping, observing = engine.new_world("icy cave", seed=4), engine.new_world("icy cave", seed=4)
+    [[frame]] = engine.step([stepping], [FORWARD])
+    engine.predict([observing], [FORWARD])
+    engine.observe(observing, frame[None], [FORWARD])
+    # decoding to uint8 and encoding again is not the identity: the caches differ
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(_cached(stepping), _cached(observing), strict=True))
