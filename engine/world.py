@@ -15,7 +15,7 @@ class WorldStats:
     frames: int = 0  # frames generated (init frames not counted)
     unknown_keys: int = 0  # key names ignored because the model does not know them
     last_step_ms: float = 0.0  # wall time of the last engine.step call this world took part in (whole batch)
-    last_decode_ms: float = 0.0  # of which the autoencoder: latent -> RGB, and RGB -> latent with sampler.reencode
+    last_decode_ms: float = 0.0  # of which latent -> RGB (and back, with sampler.reencode) and the copy to the host
 
 
 class World:

@@ -140,24 +140,26 @@ class WorldEngine:
         B, T = len(worlds), self.chunk_frames
         # 1. denoise the next chunk from each world's own noise (the caches are only read)
         chunk = self._denoise(worlds, actions)
-        # 2. decode to RGB (the copy to host synchronises; TempCache and the sparse paths have a few host reads of
-        # their own, each commented where it happens); with `reencode`, the frames' encoding becomes the history
+        # 2. decode to RGB on the device; with `reencode`, the frames' encoding becomes the history
         decode_started = time.perf_counter()
         pixels = self._pixels(chunk.clean)  # (B T, H, W, 3)
         history = chunk.clean
         if self.config.sampler.reencode:
             history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
-        frames = self._frames(pixels, B)
         decoded = time.perf_counter()
         # 3. one more pass at context noise writes the chunk's keys and values into the caches
         self._commit(worlds, history, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
+        committed = time.perf_counter()
+        # 4. copy the frames to the host, after the commit is queued so that a GPU has no gap (the copy synchronises;
+        # TempCache and the sparse paths have a few host reads of their own, each commented where it happens)
+        frames = self._frames(pixels, B)
         finished = time.perf_counter()
-        # 4. advance the worlds
+        # 5. advance the worlds
         for world in worlds:
             world.frame_index += T
             world.stats.frames += T
             world.stats.last_step_ms = (finished - started) * 1e3
-            world.stats.last_decode_ms = (decoded - decode_started) * 1e3
+            world.stats.last_decode_ms = (decoded - decode_started + finished - committed) * 1e3
         return frames
 
     @torch.no_grad()
