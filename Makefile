@@ -19,10 +19,10 @@ rollout: $(STAMP)
 	$(VENV)/bin/worldserve rollout --config configs/default.yaml --frames 64 --seed 0 --actions random --out out/
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check engine server client tests
-	$(VENV)/bin/ruff format --check engine server client tests
+	$(VENV)/bin/ruff check engine server client tests scripts
+	$(VENV)/bin/ruff format --check engine server client tests scripts
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine server client tests
-	$(VENV)/bin/ruff format --check engine server client tests
+	$(VENV)/bin/ruff check engine server client tests scripts
+	$(VENV)/bin/ruff format --check engine server client tests scripts

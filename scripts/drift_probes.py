@@ -1,0 +1,138 @@
+"""Probes behind the README's notes on long-rollout drift (section "How close it is to the game"); research
+tools, not part of the engine. Each prints one JSON object; run from the repository root.
+
+    python scripts/drift_probes.py positions --policy dense --frames 1000 --max-distance 128
+    python scripts/drift_probes.py annsa --frames 1000
+
+`positions`: one open-loop rollout of heldout_spec(0) under its HumanPolicy actions (as `worldserve eval`'s
+stability part), once as configured and once with every cached frame presented at most `--max-distance` frames
+before the frame being generated (the rotary embedding then never sees a distance beyond it); per run the rolling
+mean brightness every 100 frames and the strongest periods of the brightness spectrum.
+
+`annsa`: a `tempcache` rollout; at a few frames the next frame is predicted from the same cache and the same
+noise with and without AnnSA, and their PSNR against each other is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import WorldEngine, load_config  # noqa: E402
+from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
+from engine.dataset import episode_actions, heldout_spec, record_episode  # noqa: E402
+from engine.evaluate import frame_statistics, psnr, rolling_mean, stability_check, stability_range  # noqa: E402
+from engine.kv_cache import KVView, LayerCache  # noqa: E402
+from engine.policies import CachePolicy  # noqa: E402
+
+
+class RecentPositions(CachePolicy):
+    """Another policy's slots, each presented at most `max_distance` frames before the frame being generated (the
+    newest cached frame + 1); what is stored is unchanged."""
+
+    def __init__(self, inner: CachePolicy, max_distance: int) -> None:
+        super().__init__(inner.config, inner.sizes)
+        self.inner, self.max_distance, self.name = inner, max_distance, inner.name
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def commit(self, cache: LayerCache, key, value, pos, first_frame: int) -> None:
+        self.inner.commit(cache, key, value, pos, first_frame)
+
+    def view(self, cache: LayerCache) -> KVView:
+        view = self.inner.view(cache)
+        if view.pos.shape[0] == 0:
+            return view
+        current = int(view.pos[:, 0].max()) + 1
+        pos = view.pos.clone()
+        pos[:, 0] = pos[:, 0].clamp(min=current - self.max_distance)
+        return dataclasses.replace(view, pos=pos)
+
+
+def _game(engine: WorldEngine, frames: int):
+    spec, m = heldout_spec(0), engine.config.model
+    game = record_episode(
+        spec.seed, spec.prompt, frames, spec.policy_seed, (m.frame_height, m.frame_width), m.actions.keys
+    )
+    return spec, game, episode_actions(game)
+
+
+def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) -> dict:
+    spec, game, actions = _game(base, frames)
+    game_stats = frame_statistics(game.frames[1:], game.frames[0])
+    bounds = stability_range(game_stats)
+    runs = {}
+    for clamped in (False, True):
+        engine = base.sibling(with_overrides(base.config, ATTENTION_PRESETS[policy], f"<policy {policy}>"))
+        if clamped:
+            engine.policy = RecentPositions(engine.policy, max_distance)
+        world = engine.new_world(spec.prompt, seed=0)
+        engine.observe(world, game.frames[:1], actions[:1])
+        generated = [engine.step([world], [actions[i : i + 1]])[0][0] for i in range(1, frames)]
+        stats = frame_statistics(np.stack(generated), game.frames[0])
+        mean = rolling_mean(stats["mean"])
+        series = stats["mean"][100:] - stats["mean"][100:].mean()  # past the start-up, linear trend removed
+        t = np.arange(len(series))
+        series = series - np.polyval(np.polyfit(t, series, 1), t)
+        power = np.abs(np.fft.rfft(series))[1:]
+        periods = len(series) / np.arange(1, len(power) + 1)
+        top = np.argsort(power)[::-1][:3]
+        runs[f"max_distance={max_distance}" if clamped else "as configured"] = {
+            "within_range": stability_check(stats, bounds),
+            "rolling_mean_every_100": [round(float(mean[i]), 1) for i in range(0, len(mean), 100)],
+            "strongest_periods_frames": [[round(float(periods[i]), 1), round(float(power[i]), 1)] for i in top],
+        }
+    return {"policy": policy, "frames": frames, "game_mean_range": [round(v, 1) for v in bounds["mean"]], **runs}
+
+
+def annsa(base: WorldEngine, frames: int) -> dict:
+    spec, game, actions = _game(base, frames + 2)
+    dense = base.sibling(with_overrides(base.config, ATTENTION_PRESETS["tempcache"], "<tempcache>"))
+    sparse = base.sibling(with_overrides(base.config, ATTENTION_PRESETS["tempcache+annsa"], "<tempcache+annsa>"))
+    world = dense.new_world(spec.prompt, seed=0)
+    dense.observe(world, game.frames[:1], actions[:1])
+    rows = []
+    for i in range(1, frames + 1):
+        dense.step([world], [actions[i : i + 1]])
+        if i in (10, 50) or i % 200 == 0:
+            state = world.generator.get_state()
+            [[a]] = dense.predict([world], [actions[i + 1 : i + 2]])
+            world.generator.set_state(state)
+            [[b]] = sparse.predict([world], [actions[i + 1 : i + 2]])
+            world.generator.set_state(state)
+            rows.append(
+                {
+                    "frame": i + 1,
+                    "psnr_db": round(psnr(a, b), 2),
+                    "mean": [round(float(a.mean()), 2), round(float(b.mean()), 2)],
+                }
+            )
+    return {"frames": frames, "dense_vs_annsa": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["positions", "annsa"])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--policy", default="dense", choices=sorted(ATTENTION_PRESETS))
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--max-distance", type=int, default=128)
+    args = parser.parse_args()
+    base = WorldEngine.from_config(load_config(args.config))
+    if args.probe == "positions":
+        print(json.dumps(positions(base, args.policy, args.frames, args.max_distance)))
+    else:
+        print(json.dumps(annsa(base, args.frames)))
+
+
+if __name__ == "__main__":
+    main()
