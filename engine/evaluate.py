@@ -347,13 +347,18 @@ def prompt_following(engine: WorldEngine, options: EvalOptions, key_names: Seque
     return {"accuracy": round(correct / len(jobs), 4), "clips": len(jobs), "confusion": confusion}
 
 
+def stability_episode(config: WorldConfig, frames: int, key_names: Sequence[str]) -> Episode:
+    """The game episode whose actions the stability rollouts play: held-out maze 0 under its HumanPolicy."""
+    spec = heldout_spec(0)
+    size = (config.model.frame_height, config.model.frame_width)
+    return record_episode(spec.seed, spec.prompt, frames, spec.policy_seed, size, key_names)
+
+
 def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str], log: Log = _say) -> dict[str, Any]:
     """Per policy, one open-loop rollout of `stability_frames` frames under the HumanPolicy actions of a game episode
     (one chunk of true frames first); statistics against the game's own range, and the step times of FPS_POLICY."""
     config, T, n = engine.config, engine.chunk_frames, options.stability_frames
-    spec = heldout_spec(0)
-    size = (config.model.frame_height, config.model.frame_width)
-    game = record_episode(spec.seed, spec.prompt, n, spec.policy_seed, size, key_names)
+    game = stability_episode(config, n, key_names)
     actions = episode_actions(game)
     game_stats = frame_statistics(game.frames[T:], game.frames[T - 1])
     bounds = stability_range(game_stats)
@@ -365,7 +370,7 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         timing_only = name not in options.policies  # run only as far as the speed window needs
         last = min(n, fps_start + FPS_FRAMES) if timing_only else n
         sibling = engine.sibling(with_overrides(config, ATTENTION_PRESETS[name], f"<policy {name}>"))
-        world = sibling.new_world(spec.prompt, seed=0)
+        world = sibling.new_world(game.prompt, seed=0)
         sibling.observe(world, game.frames[:T], actions[:T])
         frames, seconds = [], []
         began = time.perf_counter()
@@ -395,9 +400,9 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         "ok": all(run["ok"] for run in runs.values()),
         "frames": n,
         "first_frame": T,
-        "seed": spec.seed,
-        "policy_seed": spec.policy_seed,
-        "prompt": spec.prompt,
+        "seed": game.seed,
+        "policy_seed": game.policy_seed,
+        "prompt": game.prompt,
         "statistics": list(STATISTICS),
         "window": STABILITY_WINDOW,
         "margin": STABILITY_MARGIN,

@@ -4,10 +4,10 @@ tools, not part of the engine. Each prints one JSON object; run from the reposit
     python scripts/drift_probes.py positions --policy dense --frames 1000 --max-distance 128
     python scripts/drift_probes.py annsa --frames 1000
 
-`positions`: one open-loop rollout of heldout_spec(0) under its HumanPolicy actions (as `worldserve eval`'s
-stability part), once as configured and once with every cached frame presented at most `--max-distance` frames
-before the frame being generated (the rotary embedding then never sees a distance beyond it); per run the rolling
-mean brightness every 100 frames and the strongest periods of the brightness spectrum.
+`positions`: one open-loop rollout under the actions of `worldserve eval`'s stability episode (held-out maze 0),
+once as configured and once with every cached frame presented at most `--max-distance` frames before the frame
+being generated (the rotary embedding then never sees a distance beyond it); per run the rolling mean brightness
+every 100 frames and the strongest periods of the brightness spectrum.
 
 `annsa`: a `tempcache` rollout; at a few frames the next frame is predicted from the same cache and the same
 noise with and without AnnSA, and their PSNR against each other is printed.
@@ -27,8 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import WorldEngine, load_config  # noqa: E402
 from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
-from engine.dataset import episode_actions, heldout_spec, record_episode  # noqa: E402
-from engine.evaluate import frame_statistics, psnr, rolling_mean, stability_check, stability_range  # noqa: E402
+from engine.dataset import episode_actions  # noqa: E402
+from engine.evaluate import (  # noqa: E402
+    frame_statistics,
+    psnr,
+    rolling_mean,
+    stability_check,
+    stability_episode,
+    stability_range,
+)
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
 
@@ -59,15 +66,12 @@ class RecentPositions(CachePolicy):
 
 
 def _game(engine: WorldEngine, frames: int):
-    spec, m = heldout_spec(0), engine.config.model
-    game = record_episode(
-        spec.seed, spec.prompt, frames, spec.policy_seed, (m.frame_height, m.frame_width), m.actions.keys
-    )
-    return spec, game, episode_actions(game)
+    game = stability_episode(engine.config, frames, engine.config.model.actions.keys)
+    return game, episode_actions(game)
 
 
 def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) -> dict:
-    spec, game, actions = _game(base, frames)
+    game, actions = _game(base, frames)
     game_stats = frame_statistics(game.frames[1:], game.frames[0])
     bounds = stability_range(game_stats)
     runs = {}
@@ -75,7 +79,7 @@ def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) ->
         engine = base.sibling(with_overrides(base.config, ATTENTION_PRESETS[policy], f"<policy {policy}>"))
         if clamped:
             engine.policy = RecentPositions(engine.policy, max_distance)
-        world = engine.new_world(spec.prompt, seed=0)
+        world = engine.new_world(game.prompt, seed=0)
         engine.observe(world, game.frames[:1], actions[:1])
         generated = [engine.step([world], [actions[i : i + 1]])[0][0] for i in range(1, frames)]
         stats = frame_statistics(np.stack(generated), game.frames[0])
@@ -95,10 +99,10 @@ def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) ->
 
 
 def annsa(base: WorldEngine, frames: int) -> dict:
-    spec, game, actions = _game(base, frames + 2)
+    game, actions = _game(base, frames + 2)
     dense = base.sibling(with_overrides(base.config, ATTENTION_PRESETS["tempcache"], "<tempcache>"))
     sparse = base.sibling(with_overrides(base.config, ATTENTION_PRESETS["tempcache+annsa"], "<tempcache+annsa>"))
-    world = dense.new_world(spec.prompt, seed=0)
+    world = dense.new_world(game.prompt, seed=0)
     dense.observe(world, game.frames[:1], actions[:1])
     rows = []
     for i in range(1, frames + 1):
