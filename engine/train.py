@@ -40,10 +40,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
 import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,12 @@ class TrainConfig(_Section):
     pool_episodes: int = Field(128, ge=1, description="recent episodes sampled from (count)")
     checkpoint_minutes: float = Field(5.0, gt=0, description="state.pt and model.safetensors are written this often")
     log_every: int = Field(25, ge=1, description="a log.jsonl line every this many steps")
+    record_workers: int = Field(
+        0,
+        ge=0,
+        description="processes that record episodes ahead of the training loop; 0 records them in the training "
+        "process (right for a CPU run, whose cores train; a GPU run has cores to spare) (count)",
+    )
     autoencoder: AutoencoderTraining
     dit: DiTTraining
 
@@ -129,27 +137,39 @@ class PooledEpisode:
 
 class EpisodePool:
     """The `size` most recent episodes of training stream `seed`; `advance` records the next one in place of the
-    oldest. Its contents are a function of (seed, next index), so a resumed run rebuilds the same pool."""
+    oldest. Its contents are a function of (seed, next index), so a resumed run rebuilds the same pool, and so
+    episodes can be recorded ahead, in `record_workers` processes: the pool then holds exactly what it holds when
+    it records them itself, only sooner. `close` ends the workers."""
 
     def __init__(self, config: WorldConfig, train: TrainConfig, encode: Callable[[torch.Tensor], torch.Tensor] | None):
         self.config, self.train, self.encode = config, train, encode
         self.episodes: list[PooledEpisode] = []
         self.next_index = 0
+        self._executor: ProcessPoolExecutor | None = None
+        self._ahead: dict[int, Future] = {}  # episode index -> its recording in a worker
+        if train.record_workers > 0:
+            # spawn, not fork: the training process may hold CUDA, which a forked child must not touch
+            self._executor = ProcessPoolExecutor(train.record_workers, mp_context=multiprocessing.get_context("spawn"))
 
     def fill(self, next_index: int) -> None:
         """Rebuild the pool so that its newest episode is `next_index - 1`."""
         self.episodes, self.next_index = [], max(0, next_index - self.train.pool_episodes)
+        self._request(range(self.next_index, next_index))
         while self.next_index < next_index or len(self.episodes) < self.train.pool_episodes:
             self.advance()
 
     def advance(self) -> None:
         m = self.config.model
-        spec = train_spec(self.train.seed, self.next_index)
-        episode = record(spec, self.train.episode_frames, (m.frame_height, m.frame_width), m.actions.keys)
+        index = self.next_index
+        if self._executor is None:
+            spec = train_spec(self.train.seed, index)
+            episode = record(spec, self.train.episode_frames, (m.frame_height, m.frame_width), m.actions.keys)
+        else:
+            # keep every worker busy: episodes up to 4 per worker ahead of the one taken now
+            self._request(range(index, index + 4 * self.train.record_workers))
+            episode = self._ahead.pop(index).result()
         frames = torch.from_numpy(episode.frames)  # (L, H, W, 3)
-        pooled = PooledEpisode(
-            self.next_index, episode.prompt, torch.from_numpy(action_array(episode, m.actions.mouse_scale))
-        )
+        pooled = PooledEpisode(index, episode.prompt, torch.from_numpy(action_array(episode, m.actions.mouse_scale)))
         if self.encode is None:
             pooled.frames = frames
         else:
@@ -158,6 +178,22 @@ class EpisodePool:
         if len(self.episodes) > self.train.pool_episodes:
             self.episodes.pop(0)
         self.next_index += 1
+
+    def _request(self, indices: range) -> None:
+        if self._executor is None:
+            return
+        m = self.config.model
+        for index in indices:
+            if index not in self._ahead:
+                spec = train_spec(self.train.seed, index)
+                self._ahead[index] = self._executor.submit(
+                    record, spec, self.train.episode_frames, (m.frame_height, m.frame_width), tuple(m.actions.keys)
+                )
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor, self._ahead = None, {}
 
 
 def sample_frames(pool: EpisodePool, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -432,51 +468,53 @@ class TrainingRun:
         ae = self.model.autoencoder
         encode = None if self.phase == "autoencoder" else self._encoder(ae)
         self.pool = EpisodePool(self.config, self.train, encode)
-        started = time.perf_counter()
-        # the DiT phase records episodes the autoencoder never saw
-        first = 0 if self.phase == "autoencoder" else self.train.pool_episodes + self.train.autoencoder.steps
-        self.pool.fill(first + self.train.pool_episodes + self.step // phase.refresh_every)
-        print(
-            f"{self.phase}: pool of {self.train.pool_episodes} episodes ready in {time.perf_counter() - started:.1f} s"
-        )
-        bar = tqdm(
-            total=phase.steps,
-            initial=self.step,
-            desc=self.phase,
-            disable=not self.progress,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
-            dynamic_ncols=True,
-        )
-        last_save = time.perf_counter()
-        smoothed = None
-        while self.step < phase.steps and not self._out_of_time():
-            tick = time.perf_counter()
-            lr = learning_rate(phase, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = self._loss()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), 1.0)
-            self.optimizer.step()
-            self._update_ema()
-            self.step += 1
-            self._session_steps += 1
-            if self.step % phase.refresh_every == 0:
-                self.pool.advance()
-            self.elapsed += time.perf_counter() - tick
-            value = float(loss.detach())  # one host read per step, for the bar and the log
-            smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.1e}", refresh=False)
-            if self.step % self.train.log_every == 0:
-                self._log(loss=value, smoothed=smoothed, lr=lr, grad_norm=float(grad_norm))
-            if time.perf_counter() - last_save > 60 * self.train.checkpoint_minutes:
-                self.save()
-                last_save = time.perf_counter()
-        bar.close()
-        if self.step >= phase.steps:
-            self._finish_phase()
+        try:
+            started = time.perf_counter()
+            # the DiT phase records episodes the autoencoder never saw
+            first = 0 if self.phase == "autoencoder" else self.train.pool_episodes + self.train.autoencoder.steps
+            self.pool.fill(first + self.train.pool_episodes + self.step // phase.refresh_every)
+            ready = time.perf_counter() - started
+            print(f"{self.phase}: pool of {self.train.pool_episodes} episodes ready in {ready:.1f} s")
+            bar = tqdm(
+                total=phase.steps,
+                initial=self.step,
+                desc=self.phase,
+                disable=not self.progress,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                dynamic_ncols=True,
+            )
+            last_save = time.perf_counter()
+            smoothed = None
+            while self.step < phase.steps and not self._out_of_time():
+                tick = time.perf_counter()
+                lr = learning_rate(phase, self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self._loss()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), 1.0)
+                self.optimizer.step()
+                self._update_ema()
+                self.step += 1
+                self._session_steps += 1
+                if self.step % phase.refresh_every == 0:
+                    self.pool.advance()
+                self.elapsed += time.perf_counter() - tick
+                value = float(loss.detach())  # one host read per step, for the bar and the log
+                smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.1e}", refresh=False)
+                if self.step % self.train.log_every == 0:
+                    self._log(loss=value, smoothed=smoothed, lr=lr, grad_norm=float(grad_norm))
+                if time.perf_counter() - last_save > 60 * self.train.checkpoint_minutes:
+                    self.save()
+                    last_save = time.perf_counter()
+            bar.close()
+            if self.step >= phase.steps:
+                self._finish_phase()
+        finally:
+            self.pool.close()
         self.save()
 
     def _loss(self) -> torch.Tensor:

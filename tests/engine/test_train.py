@@ -92,6 +92,22 @@ def test_pool_is_a_function_of_seed_and_position():
     assert a.episodes[0].frames.shape == (10, 16, 16, 3) and a.episodes[0].frames.dtype == torch.uint8
 
 
+def test_pool_recorded_by_workers_is_the_pool_recorded_in_process():
+    config = tiny_config()
+    inline, ahead = EpisodePool(config, tiny_train(), None), EpisodePool(config, tiny_train(record_workers=2), None)
+    try:
+        for pool in (inline, ahead):
+            pool.fill(3)
+            pool.advance()
+            pool.advance()  # taken from the episodes the workers recorded ahead
+        assert [e.index for e in ahead.episodes] == [e.index for e in inline.episodes] == [2, 3, 4]
+        for x, y in zip(inline.episodes, ahead.episodes):
+            assert torch.equal(x.frames, y.frames) and torch.equal(x.actions, y.actions) and x.prompt == y.prompt
+    finally:
+        ahead.close()
+    ahead.close()  # a second close is harmless
+
+
 def test_clips_start_with_the_sink_frame_and_are_consecutive():
     config = tiny_config()
     pool = EpisodePool(config, tiny_train(), lambda frames: frames.float().mean(-1)[:, None, :4, :4])
