@@ -38,17 +38,30 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return _parse_config(Path(path), _read_metadata(Path(path)))
 
 
-def load_checkpoint(path: str | Path, model: WorldModel) -> dict[str, str]:
-    """Load weights into `model` after checking its config against the checkpoint's; returns the metadata."""
+# Inputs a model may add to a checkpoint trained without them (`load_checkpoint(adding=True)`): the config key that
+# adds one, and the prefix of its tensors. They keep the values the model holds (zero after `zero_init_`).
+ADDABLE_INPUTS = {"previous_frame_input": "dit.previous_embed."}
+
+
+def load_checkpoint(path: str | Path, model: WorldModel, adding: bool = False) -> dict[str, str]:
+    """Load weights into `model` after checking its config against the checkpoint's; returns the metadata. With
+    `adding`, the model may have inputs (ADDABLE_INPUTS) that the checkpoint's model lacks; their tensors are kept."""
     path = Path(path)
     metadata = _read_metadata(path)
-    differences = _differences(_parse_config(path, metadata).model_dump(), model.config.model.model_dump())
+    saved = _parse_config(path, metadata).model_dump()
+    added = [key for key in ADDABLE_INPUTS if adding and not saved[key] and getattr(model.config.model, key)]
+    for key in added:
+        saved[key] = True
+    differences = _differences(saved, model.config.model.model_dump())
     if differences:
         raise CheckpointError(
             f"{path}: checkpoint was made for a different model; differing 'model' keys "
             "(checkpoint vs config):\n  " + "\n  ".join(differences)
         )
-    expected = model.state_dict()
+    kept = {
+        name: t for name, t in model.state_dict().items() if name.startswith(tuple(ADDABLE_INPUTS[k] for k in added))
+    }
+    expected = {name: t for name, t in model.state_dict().items() if name not in kept}
     with safe_open(str(path), framework="pt") as f:
         names = set(f.keys())
         missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
@@ -65,7 +78,7 @@ def load_checkpoint(path: str | Path, model: WorldModel) -> dict[str, str]:
             if not torch.isfinite(tensor).all():
                 raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
             state[name] = tensor
-    model.load_state_dict(state)
+    model.load_state_dict({**state, **kept})
     return metadata
 
 

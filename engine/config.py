@@ -103,6 +103,11 @@ class ModelConfig(_Section):
     heads: int = Field(5, ge=1, description="attention heads per block (count)")
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / transformer width (ratio)")
     rope_theta: float = Field(10000.0, gt=1, description="rotary base period (positions)")
+    previous_frame_input: bool = Field(
+        False,
+        description="each frame's tokens also embed the latent of the frame before it (its patch, the same cell), "
+        "as GameNGen and DIAMOND give their denoiser the previous frames; zero for a world's first frame",
+    )
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="frame autoencoder")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="prompt encoder")
     actions: ActionConfig = Field(default_factory=ActionConfig, description="action space")

@@ -95,6 +95,8 @@ class CausalDiT(nn.Module):
         self.chunk_frames = m.chunk_frames
         patch_features = sizes.latent_shape[0] * m.patch_size**2
         self.patch_embed = nn.Linear(patch_features, m.dim)
+        # the previous frame's latent, patch for patch: a frame is mostly the one before it, moved
+        self.previous_embed = nn.Linear(patch_features, m.dim) if m.previous_frame_input else None
         self.time_embed = nn.Sequential(nn.Linear(256, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
         self.action_embed = nn.Sequential(nn.Linear(sizes.action_dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
         self.prompt_proj = nn.Linear(m.prompt.dim, m.dim)
@@ -131,18 +133,21 @@ class CausalDiT(nn.Module):
         actions: torch.Tensor,
         prompt: PromptTokens,
         attention: AttentionContext | None = None,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity (noise - clean) of latents x (B, T, C, h, w) at noise levels t (B, T).
 
         actions (B, T, A); prompt embeddings (B, L, D_prompt). Without an attention context the whole sequence
-        is processed uncached and frame-causal (chunked by `chunk_frames`).
+        is processed uncached and frame-causal (chunked by `chunk_frames`). With `model.previous_frame_input`,
+        `previous` (B, T, C, h, w) is the latent of the frame before each frame (None: zeros, a first frame).
         """
         B, T, C, H, W = x.shape
         p, (gh, gw) = self.patch, self.grid
         if attention is None:
             attention = self.sequence_attention(B, T, x.device)
-        patches = x.reshape(B, T, C, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
-        tokens = self.patch_embed(patches.reshape(B, T, gh * gw, C * p * p))  # (B, T, n, D)
+        tokens = self.patch_embed(self._patches(x))  # (B, T, n, D)
+        if self.previous_embed is not None and previous is not None:
+            tokens = tokens + self.previous_embed(self._patches(previous.to(x.dtype)))
         cond = self.time_embed(timestep_embedding(t, 256).to(x.dtype)) + self.action_embed(actions.to(x.dtype))
         prompt_tokens = self.prompt_proj(prompt.embeddings.to(x.dtype))  # (B, L, D)
         for block in self.blocks:
@@ -152,8 +157,19 @@ class CausalDiT(nn.Module):
         out = out.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
         return out.reshape(B, T, C, H, W)
 
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, T, C, h, w) -> (B, T, n, C p p), token by token."""
+        B, T, C = x.shape[:3]
+        p, (gh, gw) = self.patch, self.grid
+        patches = x.reshape(B, T, C, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
+        return patches.reshape(B, T, gh * gw, C * p * p)
+
     def zero_init_(self) -> None:
-        """DiT's adaLN-zero start for training: every residual branch and the output begin at zero."""
+        """DiT's adaLN-zero start for training: every residual branch and the output begin at zero, and so does
+        the previous-frame input, so that a model given it starts as the same model without it."""
+        if self.previous_embed is not None:
+            nn.init.zeros_(self.previous_embed.weight)
+            nn.init.zeros_(self.previous_embed.bias)
         for block in self.blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)

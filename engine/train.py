@@ -208,10 +208,12 @@ def sample_frames(pool: EpisodePool, batch: int, generator: torch.Generator) -> 
 
 @dataclass
 class Clips:
-    """B samples of F = 1 + T frames (sink frame 0, then frames s .. s + T - 1): latents (B, F, C, h, w), actions
-    (B, F, A), frame indices (B, F), prompts."""
+    """B samples of F = 1 + T frames (sink frame 0, then frames s .. s + T - 1): latents (B, F, C, h, w), the
+    latents of the frames before them (B, F, C, h, w; zeros before frame 0), actions (B, F, A), frame indices
+    (B, F), prompts."""
 
     latents: torch.Tensor
+    previous: torch.Tensor
     actions: torch.Tensor
     times: torch.Tensor
     prompts: list[str]
@@ -220,7 +222,7 @@ class Clips:
 def sample_clips(
     pool: EpisodePool, batch: int, frames: int, prompt_dropout: float, generator: torch.Generator
 ) -> Clips:
-    latents, actions, times, prompts = [], [], [], []
+    latents, previous, actions, times, prompts = [], [], [], [], []
     for _ in range(batch):
         episode = pool.episodes[int(torch.randint(len(pool.episodes), (1,), generator=generator))]
         length = len(episode.latents)
@@ -229,11 +231,14 @@ def sample_clips(
         start = 1 + int(torch.randint(length - frames, (1,), generator=generator))  # s in [1, L - T]
         index = torch.cat((torch.zeros(1, dtype=torch.int64), torch.arange(start, start + frames)))  # (F,)
         latents.append(episode.latents[index])
+        before = episode.latents[(index - 1).clamp(min=0)]
+        before[index == 0] = 0
+        previous.append(before)
         actions.append(episode.actions[index])
         times.append(index)
         dropped = float(torch.rand((), generator=generator)) < prompt_dropout
         prompts.append("" if dropped else episode.prompt)
-    return Clips(torch.stack(latents), torch.stack(actions), torch.stack(times), prompts)
+    return Clips(torch.stack(latents), torch.stack(previous), torch.stack(actions), torch.stack(times), prompts)
 
 
 def teacher_forcing_mask(frames: int, tokens_per_frame: int) -> torch.Tensor:
@@ -261,6 +266,14 @@ def dit_loss(model: WorldModel, clips: Clips, context_noise_max: float, generato
     context = (1 - c) * x + c * noise[0]
     target = (1 - t) * x + t * noise[1]
     inputs = torch.cat((context, target), dim=1)  # (B, 2F, C, h, w)
+    previous = None
+    if model.dit.previous_embed is not None:
+        # the frame before, noised like the history it comes from (a frame and its commit pass see the same one)
+        level = (torch.rand(B, Fr, generator=generator) * context_noise_max)[:, :, None, None, None].to(device)
+        before = clips.previous.to(device)
+        previous = ((1 - level) * before + level * torch.randn(before.shape, generator=generator).to(device)).repeat(
+            1, 2, 1, 1, 1
+        )
     levels = torch.cat((context_level, target_level), dim=1)  # (B, 2F)
     actions = clips.actions.to(device).repeat(1, 2, 1)  # (B, 2F, A)
     times = clips.times.to(device).repeat(1, 2)  # (B, 2F)
@@ -268,7 +281,7 @@ def dit_loss(model: WorldModel, clips: Clips, context_noise_max: float, generato
     n = dit.grid[0] * dit.grid[1]
     attention = SequenceAttention(dit.rope, dit.positions_at(times), teacher_forcing_mask(Fr, n).to(device))
     prompt = model.prompt_encoder(clips.prompts)
-    velocity = dit(inputs, levels, actions, prompt, attention)[:, Fr:]  # (B, F, C, h, w) of the target stream
+    velocity = dit(inputs, levels, actions, prompt, attention, previous)[:, Fr:]  # (B, F, C, h, w) of the target stream
     return F.mse_loss(velocity.float(), (noise[1] - x).float())
 
 
@@ -369,7 +382,8 @@ class TrainingRun:
         if init_from is not None:
             try:
                 self._set_latent_scale(read_model_config(init_from).autoencoder.latent_scale)
-                load_checkpoint(init_from, self.model)  # in place: the optimiser's parameters stay the same
+                # in place (the optimiser's parameters stay the same); an input the checkpoint lacks starts at zero
+                load_checkpoint(init_from, self.model, adding=True)
             except CheckpointError as error:
                 raise ConfigError(f"--init-from: {error}") from None
             self.ema.load_state_dict(self.model.state_dict())

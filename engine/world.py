@@ -30,4 +30,5 @@ class World:
         self.cache = cache
         self.generator = generator
         self.frame_index = 0  # index of the next frame to generate = frames in this world so far
+        self.last_latent: torch.Tensor | None = None  # (C, h, w) of its latest frame, as committed; None: no frame yet
         self.stats = WorldStats()

@@ -47,6 +47,7 @@ class _Chunk:
     """A denoised chunk of B worlds, not yet in their caches, and the conditioning its commit pass reuses."""
 
     clean: torch.Tensor  # (B, T, C, h, w) latents
+    previous: torch.Tensor | None  # (B, T, C, h, w): the latent of the frame before the chunk (previous_frame_input)
     actions: torch.Tensor  # (B, T, A)
     prompt: PromptTokens
     pos: torch.Tensor  # (B, N, 3)
@@ -148,7 +149,9 @@ class WorldEngine:
             history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
         decoded = time.perf_counter()
         # 3. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(worlds, history, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
+        self._commit(
+            worlds, history, chunk.previous, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared
+        )
         committed = time.perf_counter()
         # 4. copy the frames to the host, after the commit is queued so that a GPU has no gap (the copy synchronises;
         # TempCache and the sparse paths have a few host reads of their own, each commented where it happens)
@@ -188,7 +191,8 @@ class WorldEngine:
             pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (1, N, 3)
             encoded = self._encode_actions([world], [actions[start : start + T]])  # (1, T, A)
             chunk = latents[start : start + T][None]  # (1, T, C, h, w)
-            self._commit([world], chunk, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
+            previous = self._previous([world])
+            self._commit([world], chunk, previous, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
             world.frame_index += T
 
     def _denoise(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> _Chunk:
@@ -204,6 +208,7 @@ class WorldEngine:
         pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (B, N, 3)
         # 2. noise from each world's own generator, so a world's frames do not depend on its batch mates
         noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
+        previous = self._previous(worlds)
 
         # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
         shared = StepSlots()
@@ -215,7 +220,7 @@ class WorldEngine:
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             def v(given: PromptTokens, acting: torch.Tensor) -> torch.Tensor:
                 attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
-                return self.model.dit(x, x.new_full((B, T), t), acting, given, attention)
+                return self.model.dit(x, x.new_full((B, T), t), acting, given, attention, previous)
 
             # every pass reads the same history (the cache); only the current chunk's conditioning differs
             v_prompt = v(prompt, encoded)
@@ -230,7 +235,16 @@ class WorldEngine:
             return guided
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
-        return _Chunk(clean, encoded, prompt, pos, first_frames, shared)
+        return _Chunk(clean, previous, encoded, prompt, pos, first_frames, shared)
+
+    def _previous(self, worlds: Sequence[World]) -> torch.Tensor | None:
+        """With `model.previous_frame_input`: each world's latest committed latent (zeros before its first frame),
+        the previous-frame input of every frame of its next chunk (B, T, C, h, w); else None."""
+        if self.model.dit.previous_embed is None:
+            return None
+        zeros = torch.zeros(self.sizes.latent_shape, device=self.device, dtype=self.dtype)
+        latest = torch.stack([zeros if w.last_latent is None else w.last_latent for w in worlds])  # (B, C, h, w)
+        return latest[:, None].expand(-1, self.chunk_frames, -1, -1, -1)
 
     def _pixels(self, clean: torch.Tensor) -> torch.Tensor:
         """Latents (B, T, C, h, w) -> uint8 frames (B T, H, W, 3) on the device."""
@@ -275,18 +289,22 @@ class WorldEngine:
         self,
         worlds: Sequence[World],
         clean: torch.Tensor,
+        previous: torch.Tensor | None,
         actions: torch.Tensor,
         prompt: PromptTokens,
         pos: torch.Tensor,
         first_frames: list[int],
         shared: StepSlots,
     ) -> None:
+        if previous is not None:
+            for world, latest in zip(worlds, clean[:, -1]):  # the chunk's last frame, before any context noise
+                world.last_latent = latest
         level = self.sampler.context_noise
         if level > 0:
             clean = self.sampler.noised(clean, torch.stack([self._noise(w) for w in worlds]), level)
         # the commit pass counts as the step after the last denoising step
         attention = self._attention(worlds, pos, first_frames, shared, write=True, step=self.sampler.steps)
-        self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention)
+        self.model.dit(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention, previous)
 
     def _checked_frames(self, frames: np.ndarray, name: str) -> np.ndarray:
         """`frames` as a uint8 (T, H, W, 3) array of the model's frame size, T a positive multiple of chunk_frames."""

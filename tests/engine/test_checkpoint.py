@@ -52,6 +52,28 @@ def test_mismatched_config_names_the_differences(tmp_path: Path) -> None:
     assert "model.rope_theta: 10000.0 vs 500.0" in str(error.value)
 
 
+def test_a_model_with_the_previous_frame_input_starts_from_a_checkpoint_without_it(tmp_path: Path) -> None:
+    """Only with `adding`; the new input starts at zero, so the model makes the checkpoint's frames."""
+    path = tmp_path / "w.safetensors"
+    save_checkpoint(path, WorldModel(tiny_config()).init_random_(seed=2))
+    config = tiny_config(model={"previous_frame_input": True})
+    with pytest.raises(CheckpointError, match="model.previous_frame_input: False vs True"):
+        load_checkpoint(path, WorldModel(config))
+    grown = WorldModel(config)
+    grown.dit.zero_init_()
+    load_checkpoint(path, grown, adding=True)
+    assert not grown.dit.previous_embed.weight.any() and not grown.dit.previous_embed.bias.any()
+    with pytest.raises(CheckpointError, match="model.dim"):
+        load_checkpoint(path, WorldModel(tiny_config(model={"previous_frame_input": True, "dim": 48})), adding=True)
+
+    data = dict(TINY, runtime={"device": "cpu", "dtype": "float32", "checkpoint": "w.safetensors"})
+    engine = WorldEngine.from_config(load_config(write_config(tmp_path / "c.yaml", data)))
+    with_input = WorldEngine(config, grown.eval().requires_grad_(False), torch.device("cpu"), torch.float32)
+    a, b = engine.new_world(seed=1), with_input.new_world(seed=1)
+    for _ in range(3):
+        assert np.array_equal(engine.step([a], [IDLE])[0][0], with_input.step([b], [IDLE])[0][0])
+
+
 def test_broken_and_foreign_files(tmp_path: Path) -> None:
     model = WorldModel(tiny_config())
     with pytest.raises(CheckpointError, match="not found"):

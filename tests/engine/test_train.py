@@ -116,6 +116,10 @@ def test_clips_start_with_the_sink_frame_and_are_consecutive():
     assert clips.latents.shape == (16, 5, 1, 4, 4) and clips.actions.shape[:2] == (16, 5)
     assert (clips.times[:, 0] == 0).all() and (clips.times[:, 1] >= 1).all() and (clips.times[:, -1] <= 9).all()
     assert (clips.times[:, 2:] - clips.times[:, 1:-1] == 1).all()
+    assert not clips.previous[:, 0].any()  # nothing comes before the start view
+    consecutive = clips.times[:, 1] == 1  # clips that start at frame 1: frame 0 comes before it
+    assert torch.equal(clips.previous[consecutive, 1], clips.latents[consecutive, 0]) and consecutive.any()
+    assert torch.equal(clips.previous[:, 2:], clips.latents[:, 1:-1])
     assert all(prompt for prompt in clips.prompts)
     dropped = sample_clips(pool, 64, 4, prompt_dropout=1.0, generator=torch.Generator())
     assert dropped.prompts == [""] * 64
@@ -130,7 +134,13 @@ def test_dit_loss_falls_when_fitting_one_batch():
     model.dit.zero_init_()
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, *config.sizes().latent_shape, generator=generator)
-    clips = Clips(latents, torch.zeros(2, 4, config.sizes().action_dim), torch.tensor([[0, 3, 4, 5]] * 2), ["a", "b"])
+    clips = Clips(
+        latents,
+        torch.zeros_like(latents),
+        torch.zeros(2, 4, config.sizes().action_dim),
+        torch.tensor([[0, 3, 4, 5]] * 2),
+        ["a", "b"],
+    )
     optimizer = torch.optim.AdamW(model.dit.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
@@ -171,6 +181,18 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path: Path
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_fine_tune_may_add_the_previous_frame_input_and_trains_it(tmp_path: Path):
+    train(tmp_path / "base", tiny_config(), tiny_train(), device="cpu", progress=False)
+    start = tmp_path / "base" / "model.safetensors"
+    finetune = tiny_train(seed=4, autoencoder={**TINY_TRAIN["autoencoder"], "steps": 0})
+    config = tiny_config(model={"previous_frame_input": True})
+    run = train(tmp_path / "fine", config, finetune, device="cpu", progress=False, init_from=start)
+    assert run.phase == "done"
+    weights = load_file(tmp_path / "fine" / "model.safetensors")
+    assert weights["dit.previous_embed.weight"].abs().amax() > 0  # it started at zero and learned
+    assert load_config(tmp_path / "fine" / "config.yaml").model.previous_frame_input
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path):

@@ -224,6 +224,23 @@ def test_predict_generates_what_step_would_without_committing(sections: dict) ->
     assert not np.array_equal(again[0], predicted[0])
 
 
+def test_each_frame_is_given_the_latent_of_the_frame_before_it() -> None:
+    engine = WorldEngine.from_config(tiny_config(model={"previous_frame_input": True}))
+    given: list[torch.Tensor] = []
+    engine.model.dit.register_forward_hook(lambda module, args, output: given.append(args[5]))
+    world = engine.new_world("icy cave", seed=0)
+    engine.step([world], [FORWARD])  # 2 denoising passes and the commit pass, all before any frame
+    assert len(given) == 3 and not any(p.any() for p in given)
+    first = world.last_latent.clone()
+    given.clear()
+    engine.step([world], [TURN])
+    assert len(given) == 3 and all(torch.equal(p[0, 0], first) for p in given)
+    assert not torch.equal(world.last_latent, first)
+    true = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    engine.observe(world, true, [IDLE, IDLE])
+    torch.testing.assert_close(world.last_latent, engine.model.autoencoder.encode(torch.from_numpy(true[1:]))[0])
+
+
 def test_batched_predict_matches_single_predictions(tiny_engine: WorldEngine) -> None:
     batched = [tiny_engine.new_world(prompt=p, seed=i) for i, p in enumerate(["", "neon grid"])]
     singles = [tiny_engine.new_world(prompt=p, seed=i) for i, p in enumerate(["", "neon grid"])]
