@@ -144,7 +144,7 @@ class SamplerConfig(_Section):
         "pass per denoising step; 1 = off (unitless)",
     )
     action_guidance: float = Field(
-        0.2,
+        0.4,
         ge=0,
         description="guidance on the action against standing still: v += action_guidance (v(action) - v(idle)), "
         "one more DiT pass per denoising step; 0 = off (unitless)",

@@ -16,14 +16,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_default_config_loads_and_equals_the_built_in_defaults() -> None:
-    """Except what belongs to the shipped weights: their file and their autoencoder's latent scale."""
+    """Except what belongs to the shipped weights: their file, their autoencoder's latent scale and their
+    previous-frame input (off by default: a config or checkpoint without the key is a model without it)."""
     config = load_config(ROOT / "configs" / "default.yaml")
     assert config.runtime.checkpoint == (ROOT / "models" / "default.safetensors").resolve()
+    assert config.model.previous_frame_input and not WorldConfig().model.previous_frame_input
     defaults = WorldConfig().model_dump()
     shipped = config.model_dump()
     for data in (defaults, shipped):
         data["runtime"].pop("checkpoint")
         data["model"]["autoencoder"].pop("latent_scale")
+        data["model"].pop("previous_frame_input")
     assert shipped == defaults
 
 
