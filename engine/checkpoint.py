@@ -58,10 +58,9 @@ def load_checkpoint(path: str | Path, model: WorldModel, adding: bool = False) -
             f"{path}: checkpoint was made for a different model; differing 'model' keys "
             "(checkpoint vs config):\n  " + "\n  ".join(differences)
         )
-    kept = {
-        name: t for name, t in model.state_dict().items() if name.startswith(tuple(ADDABLE_INPUTS[k] for k in added))
-    }
-    expected = {name: t for name, t in model.state_dict().items() if name not in kept}
+    current = model.state_dict()
+    kept = {name: t for name, t in current.items() if name.startswith(tuple(ADDABLE_INPUTS[k] for k in added))}
+    expected = {name: t for name, t in current.items() if name not in kept}
     with safe_open(str(path), framework="pt") as f:
         names = set(f.keys())
         missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from engine.attention import SequenceAttention
 from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
 from engine.config import ConfigError, WorldConfig, describe_validation_error, load_config, read_yaml_mapping
-from engine.dataset import action_array, record, train_spec
+from engine.dataset import EpisodeSpec, action_array, record, train_spec
 from engine.model import WorldModel
 from engine.world_engine import resolve_device
 
@@ -162,8 +162,7 @@ class EpisodePool:
         m = self.config.model
         index = self.next_index
         if self._executor is None:
-            spec = train_spec(self.train.seed, index)
-            episode = record(spec, self.train.episode_frames, (m.frame_height, m.frame_width), m.actions.keys)
+            episode = record(*self._recording(index))
         else:
             # keep every worker busy: episodes up to 4 per worker ahead of the one taken now
             self._request(range(index, index + 4 * self.train.record_workers))
@@ -179,16 +178,18 @@ class EpisodePool:
             self.episodes.pop(0)
         self.next_index += 1
 
+    def _recording(self, index: int) -> tuple[EpisodeSpec, int, tuple[int, int], tuple[str, ...]]:
+        """The arguments of `record` for episode `index` of the stream (picklable, for a worker)."""
+        m = self.config.model
+        spec = train_spec(self.train.seed, index)
+        return spec, self.train.episode_frames, (m.frame_height, m.frame_width), tuple(m.actions.keys)
+
     def _request(self, indices: range) -> None:
         if self._executor is None:
             return
-        m = self.config.model
         for index in indices:
             if index not in self._ahead:
-                spec = train_spec(self.train.seed, index)
-                self._ahead[index] = self._executor.submit(
-                    record, spec, self.train.episode_frames, (m.frame_height, m.frame_width), tuple(m.actions.keys)
-                )
+                self._ahead[index] = self._executor.submit(record, *self._recording(index))
 
     def close(self) -> None:
         if self._executor is not None:

@@ -47,7 +47,6 @@ class _Chunk:
     """A denoised chunk of B worlds, not yet in their caches, and the conditioning its commit pass reuses."""
 
     clean: torch.Tensor  # (B, T, C, h, w) latents
-    previous: torch.Tensor | None  # (B, T, C, h, w): the latent of the frame before the chunk (previous_frame_input)
     actions: torch.Tensor  # (B, T, A)
     prompt: PromptTokens
     pos: torch.Tensor  # (B, N, 3)
@@ -149,9 +148,7 @@ class WorldEngine:
             history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
         decoded = time.perf_counter()
         # 3. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(
-            worlds, history, chunk.previous, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared
-        )
+        self._commit(worlds, history, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
         committed = time.perf_counter()
         # 4. copy the frames to the host, after the commit is queued so that a GPU has no gap (the copy synchronises;
         # TempCache and the sparse paths have a few host reads of their own, each commented where it happens)
@@ -191,8 +188,7 @@ class WorldEngine:
             pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (1, N, 3)
             encoded = self._encode_actions([world], [actions[start : start + T]])  # (1, T, A)
             chunk = latents[start : start + T][None]  # (1, T, C, h, w)
-            previous = self._previous([world])
-            self._commit([world], chunk, previous, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
+            self._commit([world], chunk, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
             world.frame_index += T
 
     def _denoise(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> _Chunk:
@@ -235,7 +231,7 @@ class WorldEngine:
             return guided
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
-        return _Chunk(clean, previous, encoded, prompt, pos, first_frames, shared)
+        return _Chunk(clean, encoded, prompt, pos, first_frames, shared)
 
     def _previous(self, worlds: Sequence[World]) -> torch.Tensor | None:
         """With `model.previous_frame_input`: each world's latest committed latent (zeros before its first frame),
@@ -289,13 +285,13 @@ class WorldEngine:
         self,
         worlds: Sequence[World],
         clean: torch.Tensor,
-        previous: torch.Tensor | None,
         actions: torch.Tensor,
         prompt: PromptTokens,
         pos: torch.Tensor,
         first_frames: list[int],
         shared: StepSlots,
     ) -> None:
+        previous = self._previous(worlds)  # the frame before the chunk, as its denoising passes saw it
         if previous is not None:
             for world, latest in zip(worlds, clean[:, -1]):  # the chunk's last frame, before any context noise
                 world.last_latent = latest
