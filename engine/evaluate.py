@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from engine.actions import Action
+from engine.autoencoder import FrameAutoencoder
 from engine.bench_rollout import PSNR_CAP_DB
 from engine.config import ATTENTION_PRESETS, WorldConfig, with_overrides
 from engine.dataset import THEME_NAMES, Episode, episode_actions, heldout_spec, is_heldout, record, record_episode
@@ -110,6 +111,11 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
+def differ(a: np.ndarray, b: np.ndarray, threshold: float = DIFFERENT_FRAMES) -> bool:
+    """Do two uint8 frames differ by more than `threshold` grey levels in mean absolute difference?"""
+    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)))) > threshold
+
+
 _SWAPS = (
     ({"ArrowLeft": "ArrowRight", "ArrowRight": "ArrowLeft"}, True),  # turning: the other way (mouse too)
     ({"KeyW": "KeyS", "KeyS": "KeyW", "ArrowUp": "ArrowDown", "ArrowDown": "ArrowUp"}, False),  # forward / back
@@ -140,7 +146,7 @@ def controllability(
     the score is None when no step counts. Each item is one step's frames (any shape, equal within a step)."""
     score, steps = 0.0, 0
     for p, q, t, u in zip(predicted, predicted_alternative, true, true_alternative, strict=True):
-        if np.mean(np.abs(t.astype(np.float64) - u.astype(np.float64))) <= threshold:
+        if not differ(t, u, threshold):
             continue
         steps += 1
         right, wrong = _mse(p, t), _mse(q, t)
@@ -205,6 +211,11 @@ def _mean(values: Sequence[float], digits: int = 4) -> float:
     return round(float(np.mean(values)), digits)
 
 
+def _means(rows: dict[str, list[float]], keep: np.ndarray) -> dict[str, float | None]:
+    """Each row's mean over the kept items (a boolean mask); None where nothing is kept."""
+    return {name: _mean(np.asarray(values)[keep]) if keep.any() else None for name, values in rows.items()}
+
+
 def _span(values: np.ndarray) -> list[float]:
     return [round(float(values.min()), 2), round(float(values.max()), 2)]
 
@@ -256,6 +267,7 @@ def teacher_forced(engine: WorldEngine, episodes: Sequence[Episode], log: Log = 
         engine.observe(world, episode.frames[:T], acts[:T])
         engine.observe(twin, episode.frames[:T], acts[:T])
     rows: dict[str, list] = {k: [] for k in ("psnr", "ssim", "base_psnr", "base_ssim")}
+    moved: list[bool] = []  # per compared frame: did the game's view change since the frame before the chunk?
     pairs: dict[str, list[np.ndarray]] = {k: [] for k in ("predicted", "alternative", "true", "true_alternative")}
     for k, start in enumerate(range(T, len(episodes[0]), T)):
         chunk_actions = [a[start : start + T] for a in actions] + [g[0][k] for g in games]
@@ -263,11 +275,13 @@ def teacher_forced(engine: WorldEngine, episodes: Sequence[Episode], log: Log = 
         for i, episode in enumerate(episodes):
             true = episode.frames[start : start + T]  # (T, H, W, 3)
             ours, theirs = np.stack(predicted[i]), np.stack(predicted[len(episodes) + i])
+            before = episode.frames[start - 1]
             for frame, want in zip(ours, true):
                 rows["psnr"].append(psnr(frame, want))
                 rows["ssim"].append(ssim(frame, want))
-                rows["base_psnr"].append(psnr(episode.frames[start - 1], want))
-                rows["base_ssim"].append(ssim(episode.frames[start - 1], want))
+                rows["base_psnr"].append(psnr(before, want))
+                rows["base_ssim"].append(ssim(before, want))
+                moved.append(differ(want, before))
             for name, value in zip(pairs, (ours, theirs, true, games[i][1][k])):
                 pairs[name].append(value)
             for world in (worlds[i], twins[i]):
@@ -275,15 +289,34 @@ def teacher_forced(engine: WorldEngine, episodes: Sequence[Episode], log: Log = 
         if k % 16 == 0:
             log(f"  teacher-forced frame {start}/{len(episodes[0])}: PSNR {_mean(rows['psnr'], 2)} dB so far")
     score, steps = controllability(pairs["predicted"], pairs["alternative"], pairs["true"], pairs["true_alternative"])
+    every, moving = _means(rows, np.ones(len(moved), bool)), _means(rows, np.array(moved))
     return {
-        "psnr": _mean(rows["psnr"]),
-        "ssim": _mean(rows["ssim"]),
-        "baseline_psnr": _mean(rows["base_psnr"]),
-        "baseline_ssim": _mean(rows["base_ssim"]),
-        "frames": len(rows["psnr"]),
+        "psnr": every["psnr"],
+        "ssim": every["ssim"],
+        "baseline_psnr": every["base_psnr"],
+        "baseline_ssim": every["base_ssim"],
+        "frames": len(moved),
+        "moving": {"frames": int(sum(moved)), **moving},
         "controllability": None if score is None else round(score, 4),
         "controllability_steps": steps,
     }
+
+
+@torch.no_grad()
+def autoencoder_ceiling(autoencoder: FrameAutoencoder, episodes: Sequence[Episode], first: int) -> dict[str, Any]:
+    """PSNR and SSIM of each episode's frames from `first` on (the teacher-forced targets) against their own
+    decoded encodings: what a prediction in the autoencoder's latent space scores at best. Over every such frame,
+    and over those whose view changed since the frame before (`moving`)."""
+    rows: dict[str, list[float]] = {"psnr": [], "ssim": []}
+    moved = []
+    for episode in episodes:
+        frames = episode.frames[first:]
+        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(frames))).cpu().numpy()
+        for want, frame, before in zip(frames, decoded, episode.frames[first - 1 :]):
+            rows["psnr"].append(psnr(frame, want))
+            rows["ssim"].append(ssim(frame, want))
+            moved.append(differ(want, before))
+    return {**_means(rows, np.ones(len(moved), bool)), "moving": _means(rows, np.array(moved))}
 
 
 def open_loop_starts(frames: int, context: int, starts: int) -> list[int]:
@@ -307,17 +340,29 @@ def open_loop(engine: WorldEngine, episodes: Sequence[Episode], options: EvalOpt
         chunk = [actions[id(e)][s + context + k : s + context + k + T] for e, s in windows]
         for frames, new in zip(generated, engine.step(worlds, chunk)):
             frames.extend(new)
-    result: dict[str, Any] = {"windows": len(windows), "psnr": {}, "ssim": {}, "baseline_psnr": {}, "baseline_ssim": {}}
+    names = ("psnr", "ssim", "baseline_psnr", "baseline_ssim")
+    result: dict[str, Any] = {"windows": len(windows), **{name: {} for name in names}}
+    result["moving"] = {"windows": {}, **{name: {} for name in names}}  # windows whose view changed by horizon h
     for h in HORIZONS:
         # (generated frame h, true frame, last context frame) per window
         triples = [
             (g[h - 1], e.frames[s + context + h - 1], e.frames[s + context - 1])
             for g, (e, s) in zip(generated, windows)
         ]
-        result["psnr"][str(h)] = _mean([psnr(p, t) for p, t, _ in triples])
-        result["ssim"][str(h)] = _mean([ssim(p, t) for p, t, _ in triples])
-        result["baseline_psnr"][str(h)] = _mean([psnr(b, t) for _, t, b in triples])
-        result["baseline_ssim"][str(h)] = _mean([ssim(b, t) for _, t, b in triples])
+        rows = {
+            "psnr": [psnr(p, t) for p, t, _ in triples],
+            "ssim": [ssim(p, t) for p, t, _ in triples],
+            "baseline_psnr": [psnr(b, t) for _, t, b in triples],
+            "baseline_ssim": [ssim(b, t) for _, t, b in triples],
+        }
+        moved = np.array([differ(t, b) for _, t, b in triples])
+        result["moving"]["windows"][str(h)] = int(moved.sum())
+        for source, target in (
+            (_means(rows, np.ones(len(moved), bool)), result),
+            (_means(rows, moved), result["moving"]),
+        ):
+            for name in names:
+                target[name][str(h)] = source[name]
     episode, s = windows[0]
     result["strip"] = (episode.frames[s + context : s + context + n], np.stack(generated[0]))
     return result
@@ -463,6 +508,9 @@ def run_eval(
     part = time.perf_counter()
     forced = teacher_forced(engine, episodes, log)
     timed("teacher_forced", part)
+    part = time.perf_counter()
+    ceiling = autoencoder_ceiling(engine.model.autoencoder, episodes, engine.chunk_frames)
+    timed("autoencoder", part)
     # 3. Open-loop from true starts.
     part = time.perf_counter()
     loop = open_loop(engine, episodes, options)
@@ -491,16 +539,32 @@ def run_eval(
         "teacher_forced_psnr": forced["psnr"],
         "teacher_forced_ssim": forced["ssim"],
         "teacher_forced_frames": forced["frames"],
+        "teacher_forced_moving_psnr": forced["moving"]["psnr"],
+        "teacher_forced_moving_ssim": forced["moving"]["ssim"],
+        "teacher_forced_moving_frames": forced["moving"]["frames"],
         "open_loop_psnr": loop["psnr"],
         "open_loop_ssim": loop["ssim"],
         "open_loop_windows": loop["windows"],
+        "open_loop_moving_psnr": loop["moving"]["psnr"],
+        "open_loop_moving_ssim": loop["moving"]["ssim"],
+        "open_loop_moving_windows": loop["moving"]["windows"],
         "baselines": {
             "copy_last": {
                 "teacher_forced_psnr": forced["baseline_psnr"],
                 "teacher_forced_ssim": forced["baseline_ssim"],
+                "teacher_forced_moving_psnr": forced["moving"]["base_psnr"],
+                "teacher_forced_moving_ssim": forced["moving"]["base_ssim"],
                 "open_loop_psnr": loop["baseline_psnr"],
                 "open_loop_ssim": loop["baseline_ssim"],
-            }
+                "open_loop_moving_psnr": loop["moving"]["baseline_psnr"],
+                "open_loop_moving_ssim": loop["moving"]["baseline_ssim"],
+            },
+            "autoencoder": {
+                "teacher_forced_psnr": ceiling["psnr"],
+                "teacher_forced_ssim": ceiling["ssim"],
+                "teacher_forced_moving_psnr": ceiling["moving"]["psnr"],
+                "teacher_forced_moving_ssim": ceiling["moving"]["ssim"],
+            },
         },
         "controllability": forced["controllability"],
         "controllability_steps": forced["controllability_steps"],
@@ -523,7 +587,8 @@ def run_eval(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """eval.md: the run in one line and a table of every metric with its copy-last baseline."""
+    """eval.md: the run in one line and a table of every metric with its copy-last baseline and the autoencoder's
+    ceiling."""
     base = report["baselines"]["copy_last"]
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
@@ -533,6 +598,9 @@ def markdown(report: dict[str, Any]) -> str:
         for name, run in stable["policies"].items()
     )
     control = report["controllability"]
+    ceiling = report["baselines"]["autoencoder"]
+    moved = report["teacher_forced_moving_frames"]
+    moving_windows = "/".join(str(report["open_loop_moving_windows"][h]) for h in horizons)
     lines = [
         f"# Eval: {report['config'] or 'config'} ({report['checkpoint'] or 'random weights'})",
         "",
@@ -541,26 +609,44 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seconds']['total']:.0f} s; definitions in "
         "docs/eval.md.",
         "",
-        "| metric | model | copy last frame |",
-        "|---|---:|---:|",
-        f"| teacher-forced PSNR (dB) | {report['teacher_forced_psnr']:.2f} | {base['teacher_forced_psnr']:.2f} |",
-        f"| teacher-forced SSIM | {report['teacher_forced_ssim']:.4f} | {base['teacher_forced_ssim']:.4f} |",
+        "| metric | model | copy last frame | autoencoder (ceiling) |",
+        "|---|---:|---:|---:|",
+        f"| teacher-forced PSNR (dB), {report['teacher_forced_frames']} frames | "
+        f"{report['teacher_forced_psnr']:.2f} | {base['teacher_forced_psnr']:.2f} | "
+        f"{ceiling['teacher_forced_psnr']:.2f} |",
+        f"| teacher-forced SSIM | {report['teacher_forced_ssim']:.4f} | {base['teacher_forced_ssim']:.4f} | "
+        f"{ceiling['teacher_forced_ssim']:.4f} |",
+        f"| teacher-forced PSNR / SSIM, the {moved} frames where the view moved | "
+        + " | ".join(_psnr_ssim(source, "teacher_forced_moving") for source in (report, base, ceiling))
+        + " |",
         *(
             f"| open-loop PSNR / SSIM @{h} | {report['open_loop_psnr'][h]:.2f} / {report['open_loop_ssim'][h]:.4f} "
-            f"| {base['open_loop_psnr'][h]:.2f} / {base['open_loop_ssim'][h]:.4f} |"
+            f"| {base['open_loop_psnr'][h]:.2f} / {base['open_loop_ssim'][h]:.4f} | - |"
             for h in horizons
         ),
+        f"| open-loop PSNR @{'/'.join(horizons)} where the view moved ({moving_windows} windows) | "
+        f"{_horizons(report['open_loop_moving_psnr'])} | {_horizons(base['open_loop_moving_psnr'])} | - |",
         f"| controllability ({report['controllability_steps']} steps) | "
-        f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) |",
+        f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
-        f"{1 / len(report['prompt_following_confusion']):.3f} (chance) |",
+        f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - |",
         f"| stability over {stable['frames']} frames (policy, verdict, frame change against the game's) | "
-        f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - |",
+        f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
-        f"{report['cpu_fps_at_1000']:.1f} | - |",
+        f"{report['cpu_fps_at_1000']:.1f} | - | - |",
         "",
     ]
     return "\n".join(lines)
+
+
+def _psnr_ssim(source: dict[str, Any], prefix: str) -> str:
+    """'PSNR / SSIM' of the keys `prefix`_psnr and `prefix`_ssim ('-' when there were no frames)."""
+    value, similarity = source[f"{prefix}_psnr"], source[f"{prefix}_ssim"]
+    return "-" if value is None else f"{value:.2f} / {similarity:.4f}"
+
+
+def _horizons(values: dict[str, float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in values.values())
 
 
 def _percent(value: float, reference: float) -> str:

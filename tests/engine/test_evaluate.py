@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import IDLE, Action, WorldConfig
@@ -21,8 +22,10 @@ from engine.evaluate import (
     EvalOptions,
     alternative_action,
     alternative_outcomes,
+    autoencoder_ceiling,
     classify_theme,
     controllability,
+    differ,
     frame_statistics,
     open_loop,
     open_loop_starts,
@@ -37,6 +40,7 @@ from engine.evaluate import (
     theme_clips,
 )
 from engine.game import Game
+from engine.model import WorldModel
 from server.cli import main
 from tests.conftest import TINY, tiny_config, write_config
 
@@ -144,6 +148,23 @@ def test_statistics_and_rolling_mean_on_known_values() -> None:
     assert stability_range({"x": np.array([10.0, 20.0])}, margin=0.1) == {"x": (9.0, 21.0)}
 
 
+def test_differ_and_the_autoencoder_ceiling() -> None:
+    black = np.zeros((16, 16, 3), np.uint8)
+    assert not differ(black, black) and not differ(black + 1, black) and differ(black + 2, black)
+    config = tiny_config()
+    autoencoder = WorldModel(config).init_random_(0).autoencoder.eval()
+    episodes = _episodes(2, 12)
+    ceiling = autoencoder_ceiling(autoencoder, episodes, first=1)
+    frames = np.concatenate([e.frames[1:] for e in episodes])
+    with torch.no_grad():
+        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(frames))).numpy()
+    assert ceiling["psnr"] == pytest.approx(np.mean([psnr(d, f) for d, f in zip(decoded, frames)]), abs=1e-4)
+    assert ceiling["psnr"] < 30, "random weights reconstruct nothing"
+    moved = [differ(e.frames[t], e.frames[t - 1]) for e in episodes for t in range(1, 12)]
+    expected = np.mean([psnr(d, f) for d, f, m in zip(decoded, frames, moved) if m]) if any(moved) else None
+    assert ceiling["moving"]["psnr"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_open_loop_starts_and_bad_options() -> None:
     assert open_loop_starts(64, 8, 2) == [0, 24]
     assert open_loop_starts(40, 8, 3) == [0]
@@ -196,10 +217,21 @@ def test_a_perfect_model_scores_perfectly() -> None:
     assert forced["psnr"] == PSNR_CAP_DB and forced["ssim"] == pytest.approx(1.0)
     assert forced["baseline_psnr"] < 40 and forced["frames"] == 2 * 39
     assert forced["controllability"] == 1.0 and forced["controllability_steps"] >= 0.8 * 2 * 39
+    # the split where the view moved: counted from the game's frames, the copy baseline meaned over those alone
+    moves = [
+        (e.frames[t - 1], e.frames[t]) for e in episodes for t in range(1, 40) if differ(e.frames[t], e.frames[t - 1])
+    ]
+    assert 0 < forced["moving"]["frames"] == len(moves) <= 2 * 39
+    assert forced["moving"]["psnr"] == PSNR_CAP_DB
+    assert forced["moving"]["base_psnr"] == pytest.approx(np.mean([psnr(a, b) for a, b in moves]), abs=1e-4)
     options = EvalOptions(episodes=2, frames=40, open_loop_starts=1, prompt_frames=8, stability_frames=60)
     loop = open_loop(engine, episodes, options)
     assert loop["psnr"] == {str(h): PSNR_CAP_DB for h in HORIZONS}
     assert all(loop["baseline_psnr"][str(h)] < 40 for h in HORIZONS)
+    for h in HORIZONS:
+        moved = sum(differ(e.frames[8 + h - 1], e.frames[7]) for e in episodes)
+        assert loop["moving"]["windows"][str(h)] == moved
+        assert loop["moving"]["psnr"][str(h)] == (PSNR_CAP_DB if moved else None)
     game, model = loop["strip"]
     assert np.array_equal(game, model) and np.array_equal(game, episodes[0].frames[8:40])
     prompts = prompt_following(engine, options, KEYS)
@@ -220,9 +252,14 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     report = json.loads((out / "eval.json").read_text())
     for key in ("teacher_forced_psnr", "teacher_forced_ssim", "controllability", "prompt_following"):
         assert isinstance(report[key], float), key
-    for key in ("open_loop_psnr", "open_loop_ssim"):
+    for key in ("open_loop_psnr", "open_loop_ssim", "open_loop_moving_psnr", "open_loop_moving_ssim"):
         assert list(report[key]) == ["1", "4", "8", "16", "32"]
         assert list(report["baselines"]["copy_last"][key]) == list(report[key])
+    assert 0 <= report["teacher_forced_moving_frames"] <= report["teacher_forced_frames"] == 2 * 39
+    ceiling = report["baselines"]["autoencoder"]
+    assert set(ceiling) == {f"teacher_forced{m}_{k}" for m in ("", "_moving") for k in ("psnr", "ssim")}
+    assert isinstance(ceiling["teacher_forced_psnr"], float)
+    assert "autoencoder (ceiling)" in (out / "eval.md").read_text()
     assert isinstance(report["stability_ok"], bool) and report["cpu_fps_at_1000"] > 0
     assert report["cpu_fps_frame"] == 1, "a rollout shorter than 1064 frames is timed over its last 64"
     assert report["heldout_seeds"] == [10**9, 10**9 + 1, 10**9 + 2]
