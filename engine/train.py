@@ -21,7 +21,11 @@ streams of these F frames, 2F frames in all:
     context i sees context j <= i;  target i sees context j < i and itself (mask below)
 
 so every frame is a target whose history is exactly what inference gives it (frame 0 is generated from the prompt
-alone, as a new world's first frame is). The loss is the flow-matching MSE on the target stream. Positions are the
+alone, as a new world's first frame is). The loss is the flow-matching MSE on the target stream. With
+`dit.predicted_context` > 0, that share of the history frames (and the previous-frame inputs made from them) is
+first replaced by the model's own one-step prediction of them from the true history (`predicted_history`, a pass
+without gradients), while the targets stay true: in a rollout the whole history is the model's own, and this
+teaches it to correct its errors rather than continue them. Positions are the
 frames' true indices (0, s, s + 1, ...), so attention also learns to reach a sink frame far back. Prompts are
 dropped (replaced by "") for a `prompt_dropout` share of samples, so the model also runs without one. The DiT
 and the prompt encoder train with AdamW; an exponential moving average of their weights is what is exported.
@@ -92,6 +96,17 @@ class DiTTraining(PhaseConfig):
         0.3, ge=0, lt=1, description="context frames are noised to a level drawn from U(0, this) (unitless)"
     )
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="share of samples trained with an empty prompt")
+    predicted_context: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of the history frames replaced by the model's own prediction of them (a pass without "
+        "gradients, from the true history, at a target level drawn from U(predicted_level_min, 1)); the targets stay "
+        "true, so the model learns to correct its own errors instead of continuing them (unitless)",
+    )
+    predicted_level_min: float = Field(
+        0.5, ge=0, le=1, description="lowest noise level the predicted history frames are denoised from (unitless)"
+    )
     ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the exported weight average (unitless)")
 
 
@@ -255,35 +270,97 @@ def teacher_forcing_mask(frames: int, tokens_per_frame: int) -> torch.Tensor:
     return mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def dit_loss(model: WorldModel, clips: Clips, context_noise_max: float, generator: torch.Generator) -> torch.Tensor:
-    """Flow-matching loss of the target stream under noised-context teacher forcing (module docstring)."""
+def dit_loss(
+    model: WorldModel,
+    clips: Clips,
+    context_noise_max: float,
+    generator: torch.Generator,
+    predicted_context: float = 0.0,
+    predicted_level_min: float = 0.5,
+) -> torch.Tensor:
+    """Flow-matching loss of the target stream under noised-context teacher forcing (module docstring). With
+    `predicted_context` > 0 that share of the history frames is first replaced by the model's own predictions
+    (`predicted_history`)."""
     x = clips.latents.to(model.dit.patch_embed.weight.device)  # (B, F, C, h, w)
     device = x.device
     B, Fr = x.shape[:2]
+    history, before = x, clips.previous.to(device)
+    if predicted_context > 0:
+        history, before = predicted_history(
+            model, clips, context_noise_max, predicted_context, predicted_level_min, generator
+        )
     context_level = torch.rand(B, Fr, generator=generator).to(device) * context_noise_max  # (B, F)
     target_level = torch.rand(B, Fr, generator=generator).to(device)  # (B, F)
     noise = torch.randn((2, *x.shape), generator=generator).to(device)  # (2, B, F, C, h, w)
     c, t = context_level[:, :, None, None, None], target_level[:, :, None, None, None]
-    context = (1 - c) * x + c * noise[0]
+    context = (1 - c) * history + c * noise[0]
     target = (1 - t) * x + t * noise[1]
-    inputs = torch.cat((context, target), dim=1)  # (B, 2F, C, h, w)
     previous = None
     if model.dit.previous_embed is not None:
         # the frame before, noised like the history it comes from (a frame and its commit pass see the same one)
         level = (torch.rand(B, Fr, generator=generator) * context_noise_max)[:, :, None, None, None].to(device)
-        before = clips.previous.to(device)
-        previous = ((1 - level) * before + level * torch.randn(before.shape, generator=generator).to(device)).repeat(
-            1, 2, 1, 1, 1
-        )
+        previous = (1 - level) * before + level * torch.randn(before.shape, generator=generator).to(device)
+    velocity = _teacher_forced_velocity(model, clips, context, target, context_level, target_level, previous)
+    return F.mse_loss(velocity.float(), (noise[1] - x).float())
+
+
+def _teacher_forced_velocity(
+    model: WorldModel,
+    clips: Clips,
+    context: torch.Tensor,
+    target: torch.Tensor,
+    context_level: torch.Tensor,
+    target_level: torch.Tensor,
+    previous: torch.Tensor | None,
+) -> torch.Tensor:
+    """The DiT's velocity (B, F, C, h, w) for the target stream of [context, target] (each (B, F, C, h, w), at
+    levels (B, F)) under the teacher-forcing mask; `previous` (B, F, C, h, w) feeds both streams."""
+    Fr, device = context.shape[1], context.device
+    inputs = torch.cat((context, target), dim=1)  # (B, 2F, C, h, w)
     levels = torch.cat((context_level, target_level), dim=1)  # (B, 2F)
     actions = clips.actions.to(device).repeat(1, 2, 1)  # (B, 2F, A)
     times = clips.times.to(device).repeat(1, 2)  # (B, 2F)
+    if previous is not None:
+        previous = previous.repeat(1, 2, 1, 1, 1)
     dit = model.dit
     n = dit.grid[0] * dit.grid[1]
     attention = SequenceAttention(dit.rope, dit.positions_at(times), teacher_forcing_mask(Fr, n).to(device))
     prompt = model.prompt_encoder(clips.prompts)
-    velocity = dit(inputs, levels, actions, prompt, attention, previous)[:, Fr:]  # (B, F, C, h, w) of the target stream
-    return F.mse_loss(velocity.float(), (noise[1] - x).float())
+    return dit(inputs, levels, actions, prompt, attention, previous)[:, Fr:]
+
+
+@torch.no_grad()
+def predicted_history(
+    model: WorldModel,
+    clips: Clips,
+    context_noise_max: float,
+    share: float,
+    level_min: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips' latents (B, F, C, h, w) with a `share` of frames replaced by the model's one-step prediction of
+    them from the true (noised) history, denoised from a level in U(`level_min`, 1); and the matching
+    previous-frame inputs (B, F, C, h, w): frame i's is frame i - 1 as replaced, where frame i - 1 is in the clip.
+    In a rollout every frame of the history is the model's own; training on histories holding some of its errors
+    and true targets teaches it to pull a drifting world back instead of continuing the drift."""
+    x = clips.latents.to(model.dit.patch_embed.weight.device)
+    device = x.device
+    B, Fr = x.shape[:2]
+    context_level = torch.rand(B, Fr, generator=generator).to(device) * context_noise_max
+    target_level = (level_min + (1 - level_min) * torch.rand(B, Fr, generator=generator)).to(device)
+    noise = torch.randn((2, *x.shape), generator=generator).to(device)
+    c, t = context_level[:, :, None, None, None], target_level[:, :, None, None, None]
+    before = clips.previous.to(device)
+    previous = before if model.dit.previous_embed is not None else None
+    velocity = _teacher_forced_velocity(
+        model, clips, (1 - c) * x + c * noise[0], (1 - t) * x + t * noise[1], context_level, target_level, previous
+    )
+    predicted = ((1 - t) * x + t * noise[1] - t * velocity.to(x.dtype)).to(x.dtype)  # x_0 = x_t - t v
+    swap = (torch.rand(B, Fr, generator=generator) < share).to(device)[:, :, None, None, None]
+    history = torch.where(swap, predicted, x)
+    before = before.clone()
+    before[:, 2:] = history[:, 1:-1]  # clip frames 1.. are consecutive: frame i's previous frame is clip frame i - 1
+    return history, before
 
 
 def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator):
@@ -541,7 +618,14 @@ class TrainingRun:
         phase = self.train.dit
         clips = sample_clips(self.pool, phase.batch, phase.frames, phase.prompt_dropout, self.generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return dit_loss(self.model, clips, phase.context_noise_max, self.generator)
+            return dit_loss(
+                self.model,
+                clips,
+                phase.context_noise_max,
+                self.generator,
+                phase.predicted_context,
+                phase.predicted_level_min,
+            )
 
     def _encoder(self, ae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         @torch.no_grad()

@@ -21,6 +21,7 @@ from engine.train import (
     TrainConfig,
     dit_loss,
     load_train_config,
+    predicted_history,
     sample_clips,
     teacher_forcing_mask,
     train,
@@ -150,6 +151,46 @@ def test_dit_loss_falls_when_fitting_one_batch():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _random_clips(config, batch: int = 2, frames: int = 5, seed: int = 0) -> Clips:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, frames, *config.sizes().latent_shape, generator=generator)
+    outside = torch.randn(latents[:, :1].shape, generator=generator)  # the frame before the clip's first
+    previous = torch.cat((torch.zeros_like(outside), outside, latents[:, 1:-1]), 1)
+    times = torch.tensor([[0, *range(3, 3 + frames - 1)]] * batch)
+    return Clips(latents, previous, torch.zeros(batch, frames, config.sizes().action_dim), times, ["a", "b"][:batch])
+
+
+def test_predicted_history_is_the_models_teacher_forced_prediction():
+    config = tiny_config(model={"previous_frame_input": True})
+    model = WorldModel(config).init_random_(0)
+    torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)  # the input starts at zero: make it count
+    clips = _random_clips(config)
+
+    def history(share: float, of: Clips = clips) -> tuple[torch.Tensor, torch.Tensor]:
+        return predicted_history(model, of, 0.3, share, 0.5, torch.Generator().manual_seed(7))
+
+    kept, before = history(0.0)
+    assert torch.equal(kept, clips.latents) and torch.equal(before, clips.previous)
+    own, before = history(1.0)
+    assert ((own - clips.latents).flatten(2).abs().amax(-1) > 0).all(), "every frame is the model's"
+    assert torch.equal(before[:, :2], clips.previous[:, :2]), "the frames before the clip's first two stay true"
+    assert torch.equal(before[:, 2:], own[:, 1:-1]), "a frame's previous-frame input is the frame before, predicted"
+    # teacher forced: a frame's prediction sees the history before it and its own noised target, nothing later
+    changed = _random_clips(config)
+    changed.latents[:, 3] += 1.0
+    changed.previous[:, 4] += 1.0
+    own_changed, _ = history(1.0, changed)
+    assert torch.allclose(own_changed[:, :3], own[:, :3], atol=1e-6)
+    assert not torch.allclose(own_changed[:, 3:], own[:, 3:], atol=1e-3)
+    # the loss trains on such histories: finite, with gradients, and not the loss on the true history
+    generator = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain = dit_loss(model, clips, 0.3, generator())
+    mixed = dit_loss(model, clips, 0.3, generator(), predicted_context=1.0)
+    mixed.backward()
+    assert torch.isfinite(mixed) and float(mixed.detach()) != float(plain.detach())
+    assert model.dit.previous_embed.weight.grad.abs().amax() > 0
 
 
 def test_run_trains_both_phases_and_exports_a_loadable_model(tmp_path: Path):
