@@ -303,20 +303,23 @@ def teacher_forced(engine: WorldEngine, episodes: Sequence[Episode], log: Log = 
 
 
 @torch.no_grad()
-def autoencoder_ceiling(autoencoder: FrameAutoencoder, episodes: Sequence[Episode], first: int) -> dict[str, Any]:
-    """PSNR and SSIM of each episode's frames from `first` on (the teacher-forced targets) against their own
-    decoded encodings: what a prediction in the autoencoder's latent space scores at best. Over every such frame,
-    and over those whose view changed since the frame before (`moving`)."""
-    rows: dict[str, list[float]] = {"psnr": [], "ssim": []}
+def autoencoder_baselines(autoencoder: FrameAutoencoder, episodes: Sequence[Episode], first: int) -> dict[str, Any]:
+    """Two references for the teacher-forced targets (each episode's frames from `first` on), each a frame decoded
+    from the autoencoder's encoding of a true frame, scored against the target:
+        ceiling     the target's own encoding: what a prediction in the latent space scores at best
+        copy_last   the encoding of the frame before it: copying the last frame in the latent space
+    PSNR and SSIM over every target, and over those whose view changed since the frame before (`moving`)."""
+    rows: dict[str, dict[str, list[float]]] = {name: {"psnr": [], "ssim": []} for name in ("ceiling", "copy_last")}
     moved = []
     for episode in episodes:
-        frames = episode.frames[first:]
-        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(frames))).cpu().numpy()
-        for want, frame, before in zip(frames, decoded, episode.frames[first - 1 :]):
-            rows["psnr"].append(psnr(frame, want))
-            rows["ssim"].append(ssim(frame, want))
-            moved.append(differ(want, before))
-    return {**_means(rows, np.ones(len(moved), bool)), "moving": _means(rows, np.array(moved))}
+        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(episode.frames[first - 1 :]))).cpu().numpy()
+        for k, want in enumerate(episode.frames[first:]):  # target k's frame before it is decoded[k]
+            for name, frame in (("ceiling", decoded[k + 1]), ("copy_last", decoded[k])):
+                rows[name]["psnr"].append(psnr(frame, want))
+                rows[name]["ssim"].append(ssim(frame, want))
+            moved.append(differ(want, episode.frames[first - 1 + k]))
+    every, moving = np.ones(len(moved), bool), np.array(moved)
+    return {name: {**_means(row, every), "moving": _means(row, moving)} for name, row in rows.items()}
 
 
 def open_loop_starts(frames: int, context: int, starts: int) -> list[int]:
@@ -509,7 +512,7 @@ def run_eval(
     forced = teacher_forced(engine, episodes, log)
     timed("teacher_forced", part)
     part = time.perf_counter()
-    ceiling = autoencoder_ceiling(engine.model.autoencoder, episodes, engine.chunk_frames)
+    decoded = autoencoder_baselines(engine.model.autoencoder, episodes, engine.chunk_frames)
     timed("autoencoder", part)
     # 3. Open-loop from true starts.
     part = time.perf_counter()
@@ -559,11 +562,14 @@ def run_eval(
                 "open_loop_moving_psnr": loop["moving"]["baseline_psnr"],
                 "open_loop_moving_ssim": loop["moving"]["baseline_ssim"],
             },
-            "autoencoder": {
-                "teacher_forced_psnr": ceiling["psnr"],
-                "teacher_forced_ssim": ceiling["ssim"],
-                "teacher_forced_moving_psnr": ceiling["moving"]["psnr"],
-                "teacher_forced_moving_ssim": ceiling["moving"]["ssim"],
+            **{
+                name: {
+                    "teacher_forced_psnr": decoded[part]["psnr"],
+                    "teacher_forced_ssim": decoded[part]["ssim"],
+                    "teacher_forced_moving_psnr": decoded[part]["moving"]["psnr"],
+                    "teacher_forced_moving_ssim": decoded[part]["moving"]["ssim"],
+                }
+                for name, part in (("autoencoder", "ceiling"), ("autoencoder_copy_last", "copy_last"))
             },
         },
         "controllability": forced["controllability"],
@@ -587,7 +593,7 @@ def run_eval(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """eval.md: the run in one line and a table of every metric with its copy-last baseline and the autoencoder's
+    """eval.md: the run in one line and a table of every metric with its copy-last baselines and the autoencoder's
     ceiling."""
     base = report["baselines"]["copy_last"]
     horizons = list(report["open_loop_psnr"])
@@ -598,7 +604,7 @@ def markdown(report: dict[str, Any]) -> str:
         for name, run in stable["policies"].items()
     )
     control = report["controllability"]
-    ceiling = report["baselines"]["autoencoder"]
+    ceiling, latent_copy = report["baselines"]["autoencoder"], report["baselines"]["autoencoder_copy_last"]
     moved = report["teacher_forced_moving_frames"]
     moving_windows = "/".join(str(report["open_loop_moving_windows"][h]) for h in horizons)
     lines = [
@@ -609,31 +615,29 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seconds']['total']:.0f} s; definitions in "
         "docs/eval.md.",
         "",
-        "| metric | model | copy last frame | autoencoder (ceiling) |",
-        "|---|---:|---:|---:|",
-        f"| teacher-forced PSNR (dB), {report['teacher_forced_frames']} frames | "
-        f"{report['teacher_forced_psnr']:.2f} | {base['teacher_forced_psnr']:.2f} | "
-        f"{ceiling['teacher_forced_psnr']:.2f} |",
-        f"| teacher-forced SSIM | {report['teacher_forced_ssim']:.4f} | {base['teacher_forced_ssim']:.4f} | "
-        f"{ceiling['teacher_forced_ssim']:.4f} |",
+        "| metric | model | copy last frame | copy last frame, encoded and decoded | autoencoder (ceiling) |",
+        "|---|---:|---:|---:|---:|",
+        f"| teacher-forced PSNR / SSIM, {report['teacher_forced_frames']} frames | "
+        + " | ".join(_psnr_ssim(source, "teacher_forced") for source in (report, base, latent_copy, ceiling))
+        + " |",
         f"| teacher-forced PSNR / SSIM, the {moved} frames where the view moved | "
-        + " | ".join(_psnr_ssim(source, "teacher_forced_moving") for source in (report, base, ceiling))
+        + " | ".join(_psnr_ssim(source, "teacher_forced_moving") for source in (report, base, latent_copy, ceiling))
         + " |",
         *(
             f"| open-loop PSNR / SSIM @{h} | {report['open_loop_psnr'][h]:.2f} / {report['open_loop_ssim'][h]:.4f} "
-            f"| {base['open_loop_psnr'][h]:.2f} / {base['open_loop_ssim'][h]:.4f} | - |"
+            f"| {base['open_loop_psnr'][h]:.2f} / {base['open_loop_ssim'][h]:.4f} | - | - |"
             for h in horizons
         ),
         f"| open-loop PSNR @{'/'.join(horizons)} where the view moved ({moving_windows} windows) | "
-        f"{_horizons(report['open_loop_moving_psnr'])} | {_horizons(base['open_loop_moving_psnr'])} | - |",
+        f"{_horizons(report['open_loop_moving_psnr'])} | {_horizons(base['open_loop_moving_psnr'])} | - | - |",
         f"| controllability ({report['controllability_steps']} steps) | "
-        f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - |",
+        f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
-        f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - |",
+        f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
         f"| stability over {stable['frames']} frames (policy, verdict, frame change against the game's) | "
-        f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - |",
+        f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
-        f"{report['cpu_fps_at_1000']:.1f} | - | - |",
+        f"{report['cpu_fps_at_1000']:.1f} | - | - | - |",
         "",
     ]
     return "\n".join(lines)
