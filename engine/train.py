@@ -289,19 +289,33 @@ def dit_loss(
         history, before = predicted_history(
             model, clips, context_noise_max, predicted_context, predicted_level_min, generator
         )
-    context_level = torch.rand(B, Fr, generator=generator).to(device) * context_noise_max  # (B, F)
-    target_level = torch.rand(B, Fr, generator=generator).to(device)  # (B, F)
-    noise = torch.randn((2, *x.shape), generator=generator).to(device)  # (2, B, F, C, h, w)
-    c, t = context_level[:, :, None, None, None], target_level[:, :, None, None, None]
-    context = (1 - c) * history + c * noise[0]
-    target = (1 - t) * x + t * noise[1]
+    context_level, target_level, noise = _noise_draws(x, context_noise_max, 0.0, generator)
+    context, target = _noised(history, context_level, noise[0]), _noised(x, target_level, noise[1])
     previous = None
     if model.dit.previous_embed is not None:
         # the frame before, noised like the history it comes from (a frame and its commit pass see the same one)
-        level = (torch.rand(B, Fr, generator=generator) * context_noise_max)[:, :, None, None, None].to(device)
-        previous = (1 - level) * before + level * torch.randn(before.shape, generator=generator).to(device)
+        level = (torch.rand(B, Fr, generator=generator) * context_noise_max).to(device)
+        previous = _noised(before, level, torch.randn(before.shape, generator=generator).to(device))
     velocity = _teacher_forced_velocity(model, clips, context, target, context_level, target_level, previous)
     return F.mse_loss(velocity.float(), (noise[1] - x).float())
+
+
+def _noise_draws(
+    x: torch.Tensor, context_noise_max: float, target_level_min: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For latents x (B, F, C, h, w): context levels (B, F) from U(0, context_noise_max), target levels (B, F) from
+    U(target_level_min, 1), and noise (2, B, F, C, h, w) for the two streams, drawn in that order."""
+    B, Fr = x.shape[:2]
+    context_level = torch.rand(B, Fr, generator=generator).to(x.device) * context_noise_max
+    target_level = (target_level_min + (1 - target_level_min) * torch.rand(B, Fr, generator=generator)).to(x.device)
+    noise = torch.randn((2, *x.shape), generator=generator).to(x.device)
+    return context_level, target_level, noise
+
+
+def _noised(clean: torch.Tensor, level: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified flow's x_t = (1 - t) x_0 + t noise, per frame: latents (B, F, C, h, w) at levels (B, F)."""
+    t = level[:, :, None, None, None]
+    return (1 - t) * clean + t * noise
 
 
 def _teacher_forced_velocity(
@@ -346,16 +360,14 @@ def predicted_history(
     x = clips.latents.to(model.dit.patch_embed.weight.device)
     device = x.device
     B, Fr = x.shape[:2]
-    context_level = torch.rand(B, Fr, generator=generator).to(device) * context_noise_max
-    target_level = (level_min + (1 - level_min) * torch.rand(B, Fr, generator=generator)).to(device)
-    noise = torch.randn((2, *x.shape), generator=generator).to(device)
-    c, t = context_level[:, :, None, None, None], target_level[:, :, None, None, None]
+    context_level, target_level, noise = _noise_draws(x, context_noise_max, level_min, generator)
+    target = _noised(x, target_level, noise[1])
     before = clips.previous.to(device)
     previous = before if model.dit.previous_embed is not None else None
     velocity = _teacher_forced_velocity(
-        model, clips, (1 - c) * x + c * noise[0], (1 - t) * x + t * noise[1], context_level, target_level, previous
+        model, clips, _noised(x, context_level, noise[0]), target, context_level, target_level, previous
     )
-    predicted = ((1 - t) * x + t * noise[1] - t * velocity.to(x.dtype)).to(x.dtype)  # x_0 = x_t - t v
+    predicted = (target - target_level[:, :, None, None, None] * velocity.to(x.dtype)).to(x.dtype)  # x_0 = x_t - t v
     swap = (torch.rand(B, Fr, generator=generator) < share).to(device)[:, :, None, None, None]
     history = torch.where(swap, predicted, x)
     before = before.clone()
