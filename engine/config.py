@@ -172,6 +172,12 @@ class CacheConfig(_Section):
         description="tempcache hard bound per layer (slots); none = the window policy's capacity, "
         "(sink_frames + window_frames) x tokens per frame",
     )
+    exact_frames: int = Field(
+        4,
+        ge=0,
+        description="tempcache keeps this many most recent frames exact, unmerged, and merges a frame's tokens into "
+        "the compressed history when it leaves them (frames; 0 = merge each frame as it is written)",
+    )
     tau: float = Field(
         0.9, description="tempcache merges a token into its match when cosine similarity >= tau (unitless; >1: never)"
     )
@@ -242,11 +248,15 @@ class WorldConfig(_Section):
             raise ValueError(f"attention.dense_layers must be below model.depth={self.model.depth}")
         sizes = self.sizes()
         if self.cache.policy == "tempcache":
-            least = self.cache.sink_frames * sizes.tokens_per_frame + 2 * sizes.tokens_per_chunk
+            # merging one frame needs room for its tokens beside the frame merged before it; without exact frames
+            # a whole chunk is merged as it is written
+            exact, merging = self.cache.exact_frames, 2 * sizes.tokens_per_frame
+            merging = merging if exact else 2 * sizes.tokens_per_chunk
+            least = (self.cache.sink_frames + exact) * sizes.tokens_per_frame + merging
             if sizes.capacity_slots < least:
                 raise ValueError(
                     f"tempcache capacity {sizes.capacity_slots} slots (cache.max_slots) must hold the sinks, the "
-                    f"previous chunk and the new one (>= {least} slots)"
+                    f"{exact} exact frames (cache.exact_frames) and room to merge (>= {least} slots)"
                 )
         return self
 

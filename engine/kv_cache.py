@@ -45,7 +45,7 @@ class LayerCache:
         self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
         self.merges = 0  # tokens merged into an existing slot, since creation
         self.evictions = 0  # slots evicted to make room, since creation
-        self.recent: torch.Tensor | None = None  # slots the latest frame's tokens went to (a merging policy's state)
+        self.recent: torch.Tensor | None = None  # slots the latest merged frame's tokens went to (tempcache's state)
 
     @property
     def capacity(self) -> int:

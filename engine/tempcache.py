@@ -1,21 +1,24 @@
 """TempCache: a KV cache compressed by temporal correspondence, under a hard bound (FAST-AR section 5.2).
 
-After each frame's commit pass, every new token looks up its top-1 match among the slots the *previous* frame's
-tokens went to (an approximate nearest-neighbour search on pre-rotary keys, all heads of the layer concatenated:
-one slot layout per layer, DESIGN.md decision 3). When the cosine similarity is at least `tau`, the token is
-merged into that slot:
+The `exact_frames` most recent frames stay exact, one slot per token, in a ring of slot blocks after the sinks: the
+next frame's prediction leans on them most (the paper's reason for keeping the last key), and averaging their values
+into older ones cost the shipped model 3 dB of next-frame PSNR. When a frame leaves the ring, each of its tokens
+looks up its top-1 match among the slots the frame before it went to (an approximate nearest-neighbour search on
+pre-rotary keys, all heads of the layer concatenated: one slot layout per layer, DESIGN.md decision 3). When the
+cosine similarity is at least `tau`, the token is merged into that slot:
 
     key, position <- the new token's (the "last key" representative)
     value         <- (m * value + v_new) / (m + 1)      running mean of the members' values
     m             <- m + 1                              attention adds log m to the slot's logit (Lemma 5.1)
 
 Otherwise the token gets a slot of its own. A slot takes at most one new token per frame (the best-matching one),
-so a slot keeps following one piece of content through time.
+so a slot keeps following one piece of content through time. With `exact_frames` 0 every frame is merged as it is
+written, the paper's form.
 
 The bound (DESIGN.md decision 1): at most `capacity` slots per layer, allocated once. When a frame's new slots do
 not fit, the least recently touched slots are evicted first (smallest frame of their newest member; ties: lowest
-slot index); sink slots (the first `sink_frames` frames, which are never merge targets either) are never evicted.
-So cache bytes are flat by construction, whatever the content.
+slot index); sink slots (the first `sink_frames` frames, which are never merge targets either) and the exact
+frames' slots are never evicted. So cache bytes are flat by construction, whatever the content.
 """
 
 from __future__ import annotations
@@ -35,22 +38,34 @@ class TempCachePolicy(CachePolicy):
         super().__init__(config, sizes)
         self.ann = ann
         self.tau = config.tau
-        self.sink_slots = config.sink_frames * sizes.tokens_per_frame
+        self.exact = config.exact_frames
+        # sinks, then the ring of exact frames: never merge targets, never evicted
+        self.fixed_slots = (config.sink_frames + config.exact_frames) * sizes.tokens_per_frame
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
+        n, sinks = self.sizes.tokens_per_frame, self.config.sink_frames
         for frame, rows in self.frames(key.shape[0], first_frame):
-            self._commit_frame(cache, key[rows], value[rows], pos[rows], frame)
+            if frame < sinks:
+                cache.write(frame * n, key[rows], value[rows], pos[rows])
+                cache.recent = None  # the frame after the sinks has nothing to merge into
+            elif self.exact == 0:
+                self._compress(cache, key[rows], value[rows], pos[rows])
+            else:
+                start = (sinks + (frame - sinks) % self.exact) * n  # the ring block of this frame
+                if frame - self.exact >= sinks:  # the block holds frame - exact, which leaves the exact frames
+                    block = slice(start, start + n)
+                    self._compress(cache, cache.key[block].clone(), cache.value[block].clone(), cache.pos[block])
+                cache.write(start, key[rows], value[rows], pos[rows])
 
-    def _commit_frame(
-        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, frame: int
-    ) -> None:
-        """key, value (n, h, d); pos (n, 3) of one frame's tokens."""
+    def _compress(self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merge one frame's tokens (key, value (n, h, d); pos (n, 3)) into the slots of the frame merged before it
+        (`cache.recent`), or give them slots of their own."""
         n = key.shape[0]
         slot_of = torch.full((n,), -1, dtype=torch.long, device=key.device)  # where each token ends up
-        previous = cache.recent  # (n,) slots of the previous frame's tokens, None after a sink frame
-        if frame >= self.config.sink_frames and previous is not None:
+        previous = cache.recent  # (n,) slots of the previous frame's tokens, None after the sinks
+        if previous is not None:
             merged_tokens, merged_slots = self._match(cache, key, previous)
             if merged_tokens.numel():
                 cache.merge(merged_slots, key[merged_tokens], value[merged_tokens], pos[merged_tokens])
@@ -60,7 +75,7 @@ class TempCachePolicy(CachePolicy):
             slots = self._allocate(cache, fresh.numel(), protect=slot_of[slot_of >= 0])
             cache.write_at(slots, key[fresh], value[fresh], pos[fresh])
             slot_of[fresh] = slots
-        cache.recent = None if frame < self.config.sink_frames else slot_of
+        cache.recent = slot_of
 
     def _match(self, cache: LayerCache, key: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens to merge and their target slots, one token per slot, cosine >= tau on pre-rotary keys."""
@@ -91,7 +106,7 @@ class TempCachePolicy(CachePolicy):
         if need:
             never = torch.iinfo(torch.int64).max
             age = cache.frame[: cache.length].clone()  # frame of each slot's newest member
-            age[: min(self.sink_slots, cache.length)] = never  # sinks are never evicted
+            age[: min(self.fixed_slots, cache.length)] = never  # sinks and exact frames are never evicted
             age[protect] = never  # nor slots this frame just merged into
             if int((age < never).sum()) < need:  # impossible with the capacity check in WorldConfig
                 raise RuntimeError(f"tempcache cannot place {need} new slots in a cache of {cache.capacity}")

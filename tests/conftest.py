@@ -38,7 +38,7 @@ TINY: dict[str, Any] = {
         "prompt": {"vocab_size": 64, "max_tokens": 4, "dim": 16},
     },
     "sampler": {"steps": 2, "guidance": 1.0, "action_guidance": 0.0},  # one DiT pass per step (guidance tests set it)
-    "cache": {"policy": "dense", "sink_frames": 1, "window_frames": 3, "grow_frames": 4},
+    "cache": {"policy": "dense", "sink_frames": 1, "window_frames": 3, "grow_frames": 4, "exact_frames": 1},
     "runtime": {"device": "cpu", "dtype": "float32"},
 }
 

@@ -57,6 +57,15 @@ def test_impossible_sizes_are_rejected(tmp_path: Path, model: dict, message: str
         load_config(path)
 
 
+def test_a_tempcache_too_small_for_its_exact_frames_is_rejected(tmp_path: Path) -> None:
+    tokens = WorldConfig().sizes().tokens_per_frame
+    cache = {"policy": "tempcache", "sink_frames": 1, "exact_frames": 4, "max_slots": 6 * tokens}
+    path = write_config(tmp_path / "small.yaml", {"cache": cache})
+    with pytest.raises(ConfigError, match=r"the 4 exact frames \(cache.exact_frames\) and room to merge"):
+        load_config(path)
+    assert load_config(path, {"cache.max_slots": 7 * tokens}).cache.exact_frames == 4
+
+
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")

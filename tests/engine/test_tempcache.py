@@ -17,10 +17,17 @@ from tests.conftest import tiny_config
 H, D, N = 2, 16, 8  # heads, head dim, tokens per frame of these cache-level tests
 
 
-def _policy(capacity: int, tau: float = 0.9, sink_frames: int = 1) -> TempCachePolicy:
+def _policy(capacity: int, tau: float = 0.9, sink_frames: int = 1, exact_frames: int = 0) -> TempCachePolicy:
+    """exact_frames 0 unless a test is about them: each frame is merged as it is written."""
     config = tiny_config(
         model={"frame_height": 16, "frame_width": 32, "heads": 2, "dim": 32, "patch_size": 2},
-        cache={"policy": "tempcache", "max_slots": capacity, "tau": tau, "sink_frames": sink_frames},
+        cache={
+            "policy": "tempcache",
+            "max_slots": capacity,
+            "tau": tau,
+            "sink_frames": sink_frames,
+            "exact_frames": exact_frames,
+        },
     )
     sizes = config.sizes()
     assert sizes.tokens_per_frame == N
@@ -38,10 +45,12 @@ def _positions(frame: int) -> torch.Tensor:
     return pos
 
 
-def test_duplicate_keys_merge_and_attention_equals_dense() -> None:
-    """Lemma 5.1: slots with mean values and a log m bias attend exactly like the duplicates they replace."""
+@pytest.mark.parametrize("exact", [0, 2])
+def test_duplicate_keys_merge_and_attention_equals_dense(exact: int) -> None:
+    """Lemma 5.1: slots with mean values and a log m bias attend exactly like the duplicates they replace. With
+    exact frames, the latest `exact` frames stay as they are and the ones before them merge."""
     torch.manual_seed(0)
-    policy, rope = _policy(capacity=64), Rope3D(D, 10000.0)
+    policy, rope = _policy(capacity=64, exact_frames=exact), Rope3D(D, 10000.0)
     cache = _cache(policy)
     keys, values, positions = [], [], []
     base = torch.randn(N, H, D)
@@ -52,9 +61,14 @@ def test_duplicate_keys_merge_and_attention_equals_dense() -> None:
         policy.commit(cache, key, value, pos, first_frame=frame)
         keys.append(key), values.append(value), positions.append(pos)
 
-    assert cache.length == 2 * N and cache.merges == 4 * N
-    assert cache.count[:N].tolist() == [1.0] * N and cache.count[N : 2 * N].tolist() == [5.0] * N
-    torch.testing.assert_close(cache.value[N : 2 * N], torch.stack(values[1:]).mean(0))
+    merged = slice((1 + exact) * N, (2 + exact) * N)  # after the sinks and the ring of exact frames
+    assert cache.length == (2 + exact) * N and cache.merges == (4 - exact) * N
+    assert cache.count[: (1 + exact) * N].tolist() == [1.0] * (1 + exact) * N
+    assert cache.count[merged].tolist() == [5.0 - exact] * N
+    torch.testing.assert_close(cache.value[merged], torch.stack(values[1 : 6 - exact]).mean(0))
+    for frame in range(6 - exact, 6):  # frame f sits in ring block (f - 1) % exact
+        block = slice((1 + (frame - 1) % exact) * N, (2 + (frame - 1) % exact) * N)
+        assert torch.equal(cache.value[block], values[frame]) and torch.equal(cache.key[block], keys[frame])
 
     q = torch.randn(5, H, D)
     q_pos = torch.zeros(5, 3, dtype=torch.int32)
@@ -90,6 +104,34 @@ def test_sinks_are_never_merge_targets() -> None:
     policy.commit(cache, key, torch.randn(N, H, D), _positions(0), first_frame=0)
     policy.commit(cache, key, torch.randn(N, H, D), _positions(1), first_frame=1)  # identical to the sink frame
     assert cache.merges == 0 and cache.length == 2 * N
+
+
+def test_exact_frames_delay_merging_and_are_never_evicted() -> None:
+    """With exact frames, the merged part of the cache is, slot for slot, what merging each frame as it is written
+    holds `exact` frames earlier; the ring holds the latest frames as they were written, through evictions."""
+    torch.manual_seed(4)
+    exact, capacity = 3, 6 * N  # merged part: the same 6 N slots in both caches
+    delayed, at_once = _policy(capacity + exact * N, exact_frames=exact), _policy(capacity)
+    late, early = _cache(delayed), _cache(at_once)
+    static = torch.randn(N // 2, H, D)
+    frames = []
+    for frame in range(30):  # half static content (merges), half new every frame (evictions)
+        key = torch.cat((static + 0.01 * torch.randn(N // 2, H, D), torch.randn(N - N // 2, H, D)))
+        frames.append((key, torch.randn(N, H, D), _positions(frame)))
+        delayed.commit(late, *frames[-1], first_frame=frame)
+        if frame < exact:
+            continue
+        at_once.commit(early, *frames[frame - exact], first_frame=frame - exact)
+        assert late.length == early.length + exact * N
+        compressed = slice((1 + exact) * N, late.length)
+        for name in ("key", "value", "pos", "count", "frame"):
+            assert torch.equal(getattr(late, name)[compressed], getattr(early, name)[N : early.length]), name
+    assert early.evictions > 0 and late.evictions == early.evictions and late.merges == early.merges > 0
+    for frame in range(30 - exact, 30):
+        block = slice((1 + (frame - 1) % exact) * N, (2 + (frame - 1) % exact) * N)
+        key, value, pos = frames[frame]
+        assert torch.equal(late.key[block], key) and torch.equal(late.value[block], value)
+        assert torch.equal(late.pos[block], pos) and (late.count[block] == 1).all()
 
 
 def test_no_redundancy_stays_within_the_bound_and_evicts_least_recently_touched() -> None:
@@ -135,8 +177,25 @@ def test_without_merging_tempcache_equals_dense(ann: str) -> None:
     assert b.cache.stats()["merges"] == [0, 0] and b.cache.tokens_per_layer() == a.cache.tokens_per_layer()
 
 
+def test_frames_within_the_exact_ones_are_generated_as_with_a_dense_cache() -> None:
+    """However eagerly tempcache merges (tau -1: every best match), a world no older than its exact frames sees
+    the dense cache's keys and values; merging each frame as it is written does not."""
+
+    def frames(cache: dict) -> list[np.ndarray]:
+        engine = WorldEngine.from_config(tiny_config(cache=cache))
+        world = engine.new_world(seed=4, prompt="icy cave")
+        return [engine.step([world], [IDLE])[0][0] for _ in range(7)]
+
+    dense = frames({"policy": "dense"})
+    eager = {"policy": "tempcache", "tau": -1.0, "max_slots": 64 * 16}
+    assert all(np.array_equal(a, b) for a, b in zip(dense, frames({**eager, "exact_frames": 6})))
+    assert not all(np.array_equal(a, b) for a, b in zip(dense, frames({**eager, "exact_frames": 0})))
+
+
 def test_engine_cache_never_exceeds_its_budget() -> None:
-    engine = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache", "sink_frames": 1, "window_frames": 3}))
+    engine = WorldEngine.from_config(
+        tiny_config(cache={"policy": "tempcache", "sink_frames": 1, "window_frames": 3, "exact_frames": 1})
+    )
     world = engine.new_world(seed=5)
     budget = engine.sizes.capacity_bytes
     assert world.cache.nbytes == budget
