@@ -173,7 +173,7 @@ class CacheConfig(_Section):
         "(sink_frames + window_frames) x tokens per frame",
     )
     exact_frames: int = Field(
-        4,
+        2,
         ge=0,
         description="tempcache keeps this many most recent frames exact, unmerged, and merges a frame's tokens into "
         "the compressed history when it leaves them (frames; 0 = merge each frame as it is written)",

@@ -2,10 +2,10 @@
 
 The `exact_frames` most recent frames stay exact, one slot per token, in a ring of slot blocks after the sinks: the
 next frame's prediction leans on them most (the paper's reason for keeping the last key), and averaging their values
-into older ones cost the shipped model 3 dB of next-frame PSNR. When a frame leaves the ring, each of its tokens
-looks up its top-1 match among the slots the frame before it went to (an approximate nearest-neighbour search on
-pre-rotary keys, all heads of the layer concatenated: one slot layout per layer, DESIGN.md decision 3). When the
-cosine similarity is at least `tau`, the token is merged into that slot:
+into older ones cost the shipped model 2.7 dB of next-frame PSNR (docs/engine.md). When a frame leaves the ring,
+each of its tokens looks up its top-1 match among the slots the frame before it went to (an approximate
+nearest-neighbour search on pre-rotary keys, all heads of the layer concatenated: one slot layout per layer,
+DESIGN.md decision 3). When the cosine similarity is at least `tau`, the token is merged into that slot:
 
     key, position <- the new token's (the "last key" representative)
     value         <- (m * value + v_new) / (m + 1)      running mean of the members' values
@@ -55,8 +55,8 @@ class TempCachePolicy(CachePolicy):
             else:
                 start = (sinks + (frame - sinks) % self.exact) * n  # the ring block of this frame
                 if frame - self.exact >= sinks:  # the block holds frame - exact, which leaves the exact frames
-                    block = slice(start, start + n)
-                    self._compress(cache, cache.key[block].clone(), cache.value[block].clone(), cache.pos[block])
+                    leaving = [t[start : start + n].clone() for t in (cache.key, cache.value, cache.pos)]
+                    self._compress(cache, *leaving)
                 cache.write(start, key[rows], value[rows], pos[rows])
 
     def _compress(self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
