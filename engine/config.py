@@ -250,8 +250,8 @@ class WorldConfig(_Section):
         if self.cache.policy == "tempcache":
             # merging one frame needs room for its tokens beside the frame merged before it; without exact frames
             # a whole chunk is merged as it is written
-            exact, merging = self.cache.exact_frames, 2 * sizes.tokens_per_frame
-            merging = merging if exact else 2 * sizes.tokens_per_chunk
+            exact = self.cache.exact_frames
+            merging = 2 * (sizes.tokens_per_frame if exact else sizes.tokens_per_chunk)
             least = (self.cache.sink_frames + exact) * sizes.tokens_per_frame + merging
             if sizes.capacity_slots < least:
                 raise ValueError(

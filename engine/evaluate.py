@@ -512,7 +512,7 @@ def run_eval(
     forced = teacher_forced(engine, episodes, log)
     timed("teacher_forced", part)
     part = time.perf_counter()
-    decoded = autoencoder_baselines(engine.model.autoencoder, episodes, engine.chunk_frames)
+    through_autoencoder = autoencoder_baselines(engine.model.autoencoder, episodes, engine.chunk_frames)
     timed("autoencoder", part)
     # 3. Open-loop from true starts.
     part = time.perf_counter()
@@ -564,12 +564,12 @@ def run_eval(
             },
             **{
                 name: {
-                    "teacher_forced_psnr": decoded[part]["psnr"],
-                    "teacher_forced_ssim": decoded[part]["ssim"],
-                    "teacher_forced_moving_psnr": decoded[part]["moving"]["psnr"],
-                    "teacher_forced_moving_ssim": decoded[part]["moving"]["ssim"],
+                    "teacher_forced_psnr": through_autoencoder[reference]["psnr"],
+                    "teacher_forced_ssim": through_autoencoder[reference]["ssim"],
+                    "teacher_forced_moving_psnr": through_autoencoder[reference]["moving"]["psnr"],
+                    "teacher_forced_moving_ssim": through_autoencoder[reference]["moving"]["ssim"],
                 }
-                for name, part in (("autoencoder", "ceiling"), ("autoencoder_copy_last", "copy_last"))
+                for name, reference in (("autoencoder", "ceiling"), ("autoencoder_copy_last", "copy_last"))
             },
         },
         "controllability": forced["controllability"],
