@@ -23,9 +23,10 @@ streams of these F frames, 2F frames in all:
 so every frame is a target whose history is exactly what inference gives it (frame 0 is generated from the prompt
 alone, as a new world's first frame is). The loss is the flow-matching MSE on the target stream. With
 `dit.predicted_context` > 0, that share of the history frames (and the previous-frame inputs made from them) is
-first replaced by the model's own one-step prediction of them from the true history (`predicted_history`, a pass
-without gradients), while the targets stay true: in a rollout the whole history is the model's own, and this
-teaches it to correct its errors rather than continue them. Positions are the
+first replaced by the model's own one-step prediction of them (`predicted_history`, passes without gradients:
+the first from the true history, each of `dit.predicted_passes` - 1 more from the history the pass before
+predicted), while the targets stay true: in a rollout the whole history is the model's own, and this teaches it to
+correct its errors rather than continue them. Positions are the
 frames' true indices (0, s, s + 1, ...), so attention also learns to reach a sink frame far back. Prompts are
 dropped (replaced by "") for a `prompt_dropout` share of samples, so the model also runs without one. The DiT
 and the prompt encoder train with AdamW; an exponential moving average of their weights is what is exported.
@@ -106,6 +107,12 @@ class DiTTraining(PhaseConfig):
     )
     predicted_level_min: float = Field(
         0.5, ge=0, le=1, description="lowest noise level the predicted history frames are denoised from (unitless)"
+    )
+    predicted_passes: int = Field(
+        1,
+        ge=1,
+        description="passes that make the predicted history: each predicts every frame from the history the pass "
+        "before made (the first from the true one), so errors compound as over that many rollout steps (count)",
     )
     ema_decay: float = Field(0.999, ge=0, lt=1, description="decay of the exported weight average (unitless)")
 
@@ -277,17 +284,18 @@ def dit_loss(
     generator: torch.Generator,
     predicted_context: float = 0.0,
     predicted_level_min: float = 0.5,
+    predicted_passes: int = 1,
 ) -> torch.Tensor:
     """Flow-matching loss of the target stream under noised-context teacher forcing (module docstring). With
     `predicted_context` > 0 that share of the history frames is first replaced by the model's own predictions
-    (`predicted_history`)."""
+    (`predicted_history`, `predicted_passes` deep)."""
     x = clips.latents.to(model.dit.patch_embed.weight.device)  # (B, F, C, h, w)
     device = x.device
     B, Fr = x.shape[:2]
     history, before = x, clips.previous.to(device)
     if predicted_context > 0:
         history, before = predicted_history(
-            model, clips, context_noise_max, predicted_context, predicted_level_min, generator
+            model, clips, context_noise_max, predicted_context, predicted_level_min, generator, predicted_passes
         )
     context_level, target_level, noise = _noise_draws(x, context_noise_max, 0.0, generator)
     context, target = _noised(history, context_level, noise[0]), _noised(x, target_level, noise[1])
@@ -351,28 +359,40 @@ def predicted_history(
     share: float,
     level_min: float,
     generator: torch.Generator,
+    passes: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clips' latents (B, F, C, h, w) with a `share` of frames replaced by the model's one-step prediction of
-    them from the true (noised) history, denoised from a level in U(`level_min`, 1); and the matching
-    previous-frame inputs (B, F, C, h, w): frame i's is frame i - 1 as replaced, where frame i - 1 is in the clip.
+    """The clips' latents (B, F, C, h, w) with a `share` of frames replaced by the model's prediction of them, and
+    the matching previous-frame inputs (B, F, C, h, w): frame i's is frame i - 1 as replaced, where frame i - 1 is
+    in the clip. A pass predicts every frame in one step, from a noise level in U(`level_min`, 1) of the true frame,
+    given a (noised) history; the first pass is given the true history, each later pass the history the pass before
+    predicted, so after `passes` passes a frame's history holds errors compounded as over that many rollout steps.
     In a rollout every frame of the history is the model's own; training on histories holding some of its errors
     and true targets teaches it to pull a drifting world back instead of continuing the drift."""
     x = clips.latents.to(model.dit.patch_embed.weight.device)
     device = x.device
     B, Fr = x.shape[:2]
-    context_level, target_level, noise = _noise_draws(x, context_noise_max, level_min, generator)
-    target = _noised(x, target_level, noise[1])
-    before = clips.previous.to(device)
-    previous = before if model.dit.previous_embed is not None else None
-    velocity = _teacher_forced_velocity(
-        model, clips, _noised(x, context_level, noise[0]), target, context_level, target_level, previous
-    )
-    predicted = (target - target_level[:, :, None, None, None] * velocity.to(x.dtype)).to(x.dtype)  # x_0 = x_t - t v
+    history, before = x, clips.previous.to(device)
+    for _ in range(passes):
+        context_level, target_level, noise = _noise_draws(x, context_noise_max, level_min, generator)
+        target = _noised(x, target_level, noise[1])
+        previous = before if model.dit.previous_embed is not None else None
+        velocity = _teacher_forced_velocity(
+            model, clips, _noised(history, context_level, noise[0]), target, context_level, target_level, previous
+        )
+        history = (target - target_level[:, :, None, None, None] * velocity.to(x.dtype)).to(x.dtype)  # x_t - t v
+        before = _previous_of(history, before)
     swap = (torch.rand(B, Fr, generator=generator) < share).to(device)[:, :, None, None, None]
-    history = torch.where(swap, predicted, x)
+    history = torch.where(swap, history, x)
+    return history, _previous_of(history, clips.previous.to(device))
+
+
+def _previous_of(history: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Previous-frame inputs (B, F, C, h, w) for a clip's `history`: clip frames 1.. are consecutive, so frame i's
+    (i >= 2) is history frame i - 1; frames 0 and 1 keep theirs from `before` (what precedes them is not in the
+    clip)."""
     before = before.clone()
-    before[:, 2:] = history[:, 1:-1]  # clip frames 1.. are consecutive: frame i's previous frame is clip frame i - 1
-    return history, before
+    before[:, 2:] = history[:, 1:-1]
+    return before
 
 
 def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator):
@@ -637,6 +657,7 @@ class TrainingRun:
                 self.generator,
                 phase.predicted_context,
                 phase.predicted_level_min,
+                phase.predicted_passes,
             )
 
     def _encoder(self, ae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

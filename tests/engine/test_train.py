@@ -193,6 +193,30 @@ def test_predicted_history_is_the_models_teacher_forced_prediction():
     assert model.dit.previous_embed.weight.grad.abs().amax() > 0
 
 
+def test_predicted_history_passes_compound_the_models_own_predictions():
+    config = tiny_config(model={"previous_frame_input": True})
+    model = WorldModel(config).init_random_(0)
+    torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)
+    clips = _random_clips(config)
+
+    def history(passes: int, of: Clips = clips) -> torch.Tensor:
+        return predicted_history(model, of, 0.3, 1.0, 0.5, torch.Generator().manual_seed(7), passes)[0]
+
+    once, twice = history(1), history(2)
+    # frame 0 has no history, so only its noise draw differs between the passes; every later frame is predicted
+    # from a history that the first pass predicted
+    assert not torch.allclose(once[:, 1:], twice[:, 1:], atol=1e-4)
+    # a change to frame 3 reaches frames 3.. through both passes, never the frames before it
+    changed = _random_clips(config)
+    changed.latents[:, 3] += 1.0
+    changed.previous[:, 4] += 1.0
+    twice_changed = history(2, changed)
+    assert torch.allclose(twice_changed[:, :3], twice[:, :3], atol=1e-6), "still causal: later frames change nothing"
+    assert not torch.allclose(twice_changed[:, 3:], twice[:, 3:], atol=1e-3)
+    loss = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1), predicted_context=1.0, predicted_passes=2)
+    assert torch.isfinite(loss)
+
+
 def test_run_trains_both_phases_and_exports_a_loadable_model(tmp_path: Path):
     run = train(tmp_path / "run", tiny_config(), tiny_train(), device="cpu", progress=False)
     assert run.phase == "done"
