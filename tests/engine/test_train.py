@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from engine import WorldEngine, load_config
+from engine import train as train_module
 from engine.actions import Action
 from engine.attention import SequenceAttention
 from engine.config import ConfigError
@@ -193,26 +194,44 @@ def test_predicted_history_is_the_models_teacher_forced_prediction():
     assert model.dit.previous_embed.weight.grad.abs().amax() > 0
 
 
-def test_predicted_history_passes_compound_the_models_own_predictions():
+def test_predicted_history_passes_compound_the_models_own_predictions(monkeypatch: pytest.MonkeyPatch):
     config = tiny_config(model={"previous_frame_input": True})
     model = WorldModel(config).init_random_(0)
     torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)
     clips = _random_clips(config)
+    calls, velocity_of = [], train_module._teacher_forced_velocity
 
-    def history(passes: int, of: Clips = clips) -> torch.Tensor:
-        return predicted_history(model, of, 0.3, 1.0, 0.5, torch.Generator().manual_seed(7), passes)[0]
+    def recorded(*args):
+        velocity = velocity_of(*args)
+        calls.append((args, velocity))
+        return velocity
 
-    once, twice = history(1), history(2)
-    # frame 0 has no history, so only its noise draw differs between the passes; every later frame is predicted
-    # from a history that the first pass predicted
-    assert not torch.allclose(once[:, 1:], twice[:, 1:], atol=1e-4)
-    # a change to frame 3 reaches frames 3.. through both passes, never the frames before it
+    monkeypatch.setattr(train_module, "_teacher_forced_velocity", recorded)
+    # context noise 0: a pass is given exactly the history it is handed
+    history, before = predicted_history(model, clips, 0.0, 1.0, 0.5, torch.Generator().manual_seed(7), 3)
+    assert len(calls) == 3
+    predictions = []
+    for (_, _, context, target, _, target_level, previous), velocity in calls:
+        predictions.append(target - target_level[:, :, None, None, None] * velocity)
+        if len(predictions) == 1:
+            assert torch.equal(context, clips.latents) and torch.equal(previous, clips.previous)
+        else:
+            assert torch.equal(context, predictions[-2]), "a later pass is given the history the pass before made"
+            assert torch.equal(previous[:, 2:], predictions[-2][:, 1:-1])
+    assert torch.equal(history, predictions[-1])  # share 1: every frame is the last pass's
+    assert torch.equal(before[:, 2:], history[:, 1:-1]) and torch.equal(before[:, :2], clips.previous[:, :2])
+    monkeypatch.undo()
+    # still causal: a change to frame 3 reaches frames 3.. through every pass, never the frames before it
     changed = _random_clips(config)
     changed.latents[:, 3] += 1.0
     changed.previous[:, 4] += 1.0
-    twice_changed = history(2, changed)
-    assert torch.allclose(twice_changed[:, :3], twice[:, :3], atol=1e-6), "still causal: later frames change nothing"
-    assert not torch.allclose(twice_changed[:, 3:], twice[:, 3:], atol=1e-3)
+
+    def three_passes(of: Clips) -> torch.Tensor:
+        return predicted_history(model, of, 0.3, 1.0, 0.5, torch.Generator().manual_seed(7), 3)[0]
+
+    plain, moved = three_passes(clips), three_passes(changed)
+    assert torch.allclose(moved[:, :3], plain[:, :3], atol=1e-6)
+    assert not torch.allclose(moved[:, 3:], plain[:, 3:], atol=1e-3)
     loss = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1), predicted_context=1.0, predicted_passes=2)
     assert torch.isfinite(loss)
 
