@@ -371,7 +371,8 @@ def predicted_history(
     x = clips.latents.to(model.dit.patch_embed.weight.device)
     device = x.device
     B, Fr = x.shape[:2]
-    history, before = x, clips.previous.to(device)
+    true_before = clips.previous.to(device)
+    history, before = x, true_before
     for _ in range(passes):
         context_level, target_level, noise = _noise_draws(x, context_noise_max, level_min, generator)
         target = _noised(x, target_level, noise[1])
@@ -383,7 +384,7 @@ def predicted_history(
         before = _previous_of(history, before)
     swap = (torch.rand(B, Fr, generator=generator) < share).to(device)[:, :, None, None, None]
     history = torch.where(swap, history, x)
-    return history, _previous_of(history, clips.previous.to(device))
+    return history, _previous_of(history, true_before)
 
 
 def _previous_of(history: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
