@@ -16,7 +16,8 @@ Parts, each an engine loop feeding a pure metric function below it (the function
     prompt-following from scratch under each theme's name; the clip is classified as the theme whose game clip
                      (same maze seed and actions) has the nearest `colour_signature`
     stability        a long open-loop rollout per attention policy under HumanPolicy actions; every per-frame
-                     statistic, smoothed, must stay within the game's own range (`stability_check`)
+                     statistic, smoothed, must stay within the game's own range (`stability_check`), and the
+                     rollout must move at least STABILITY_MOTION of the game's frame change (`motion_share`)
     speed            frames per second of the FPS_POLICY rollout around frame FPS_FRAME (median step, with decode)
 
 Output: eval.json (everything, with seeds, config, device and wall times), eval.md, strip.png, stability.png.
@@ -51,6 +52,7 @@ DEFAULT_POLICIES = tuple(ATTENTION_PRESETS)  # every attention configuration the
 STATISTICS = ("mean", "contrast", "change")  # per frame, on 0..255: mean, std, mean |frame - previous frame|
 STABILITY_WINDOW = 25  # frames of the trailing rolling mean a model's statistics are smoothed with
 STABILITY_MARGIN = 0.1  # the game's range of a statistic is widened by this fraction of its width on each side
+STABILITY_MOTION = 0.5  # a policy's mean frame change must be at least this share of the game's under the same actions
 DIFFERENT_FRAMES = 1.0  # mean |a - b| (0..255) above which the game's two next frames count as different
 FPS_POLICY, FPS_FRAME, FPS_FRAMES = "tempcache+annsa", 1000, 64  # speed: median step over frames 1000..1063
 
@@ -205,6 +207,21 @@ def stability_check(
         smooth = rolling_mean(model[name], window)
         checks[name] = bool(smooth.min() >= low and smooth.max() <= high)
     return checks
+
+
+def motion_share(model_change: np.ndarray, game_change: np.ndarray) -> float:
+    """A rollout's mean frame change as a share of the game's under the same actions: what the range check cannot
+    see, since the game itself stands still at times (its change reaches 0), so a world that freezes stays in range."""
+    reference = float(game_change.mean())
+    return float(model_change.mean()) / reference if reference > 0 else float("inf")
+
+
+def stability_verdict(run: dict[str, Any]) -> str:
+    """'ok', or 'OUT:' and what failed: each statistic that left the game's range, and 'motion' when the rollout
+    moved less than STABILITY_MOTION of the game's frame change."""
+    failed = [name for name, ok in run["ok_by_statistic"].items() if not ok]
+    failed += [] if run["motion"] >= STABILITY_MOTION else ["motion"]
+    return f"OUT: {', '.join(failed)}" if failed else "ok"
 
 
 def _mean(values: Sequence[float], digits: int = 4) -> float:
@@ -435,15 +452,17 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
             continue
         stats = frame_statistics(np.stack(frames), game.frames[T - 1])
         checks = stability_check(stats, bounds)
+        motion = motion_share(stats["change"], game_stats["change"])
         runs[name] = {
-            "ok": all(checks.values()),
+            "ok": all(checks.values()) and motion >= STABILITY_MOTION,
             "ok_by_statistic": checks,
+            "motion": round(motion, 3),
             "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
             "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
             "seconds": round(time.perf_counter() - began, 2),
         }
-        log(f"  stability {name}: {'ok' if runs[name]['ok'] else 'OUT OF RANGE'} ({runs[name]['seconds']:.0f} s)")
+        log(f"  stability {name}: {stability_verdict(runs[name])} ({runs[name]['seconds']:.0f} s)")
     return {
         "ok": all(run["ok"] for run in runs.values()),
         "frames": n,
@@ -454,6 +473,7 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         "statistics": list(STATISTICS),
         "window": STABILITY_WINDOW,
         "margin": STABILITY_MARGIN,
+        "motion_min": STABILITY_MOTION,
         "game": {
             "range": {k: [round(low, 2), round(high, 2)] for k, (low, high) in bounds.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in game_stats.items()},
@@ -598,9 +618,8 @@ def markdown(report: dict[str, Any]) -> str:
     base = report["baselines"]["copy_last"]
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
-    game_change = stable["game"]["mean_by_statistic"]["change"]
     verdicts = ", ".join(
-        f"{name} {'ok' if run['ok'] else 'OUT'} ({_percent(run['mean_by_statistic']['change'], game_change)})"
+        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%)"
         for name, run in stable["policies"].items()
     )
     control = report["controllability"]
@@ -634,7 +653,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
-        f"| stability over {stable['frames']} frames (policy, verdict, frame change against the game's) | "
+        f"| stability over {stable['frames']} frames (policy, verdict, mean frame change against the game's) | "
         f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
         f"{report['cpu_fps_at_1000']:.1f} | - | - | - |",
@@ -651,10 +670,6 @@ def _psnr_ssim(source: dict[str, Any], prefix: str) -> str:
 
 def _horizons(values: dict[str, float | None]) -> str:
     return " / ".join("-" if v is None else f"{v:.2f}" for v in values.values())
-
-
-def _percent(value: float, reference: float) -> str:
-    return f"{100 * value / reference:.0f}%" if reference else "-"
 
 
 def strip(game: np.ndarray, model: np.ndarray, scale: int = 2) -> Image.Image:

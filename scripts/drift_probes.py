@@ -30,6 +30,7 @@ from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
 from engine.dataset import episode_actions  # noqa: E402
 from engine.evaluate import (  # noqa: E402
     frame_statistics,
+    motion_share,
     psnr,
     rolling_mean,
     stability_check,
@@ -92,6 +93,7 @@ def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) ->
         top = np.argsort(power)[::-1][:3]
         runs[f"max_distance={max_distance}" if clamped else "as configured"] = {
             "within_range": stability_check(stats, bounds),
+            "motion_share": round(motion_share(stats["change"], game_stats["change"]), 3),
             "rolling_mean_every_100": [round(float(mean[i]), 1) for i in range(0, len(mean), 100)],
             "strongest_periods_frames": [[round(float(periods[i]), 1), round(float(power[i]), 1)] for i in top],
         }

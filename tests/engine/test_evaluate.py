@@ -18,6 +18,7 @@ from engine.bench_rollout import PSNR_CAP_DB
 from engine.dataset import THEME_NAMES, Episode, episode_actions, heldout_spec, record, record_episode
 from engine.evaluate import (
     HORIZONS,
+    STABILITY_MOTION,
     STABILITY_WINDOW,
     EvalOptions,
     alternative_action,
@@ -27,6 +28,7 @@ from engine.evaluate import (
     controllability,
     differ,
     frame_statistics,
+    motion_share,
     open_loop,
     open_loop_starts,
     prompt_following,
@@ -36,6 +38,7 @@ from engine.evaluate import (
     stability,
     stability_check,
     stability_range,
+    stability_verdict,
     teacher_forced,
     theme_clips,
 )
@@ -134,6 +137,22 @@ def test_stability_accepts_the_game_and_rejects_a_fade_to_grey() -> None:
     assert stability_check(frame_statistics(glitch, game[0]), bounds)["mean"] is True
     glitch[50 : 50 + STABILITY_WINDOW] = glitch[50]
     assert stability_check(frame_statistics(glitch, game[0]), bounds)["mean"] is False
+
+
+def test_a_world_that_freezes_stays_in_range_but_fails_on_motion() -> None:
+    spec = heldout_spec(0)
+    played = record_episode(spec.seed, spec.prompt, 120, spec.policy_seed, SIZE, KEYS).frames
+    game = np.concatenate([played, np.repeat(played[-1:], 40, axis=0)])  # then the player stands still a while
+    game_stats = frame_statistics(game[1:], game[0])
+    assert motion_share(game_stats["change"], game_stats["change"]) == pytest.approx(1.0)
+    frozen = np.repeat(game[1:2], len(game) - 1, axis=0)  # the first view, held
+    frozen_stats = frame_statistics(frozen, game[0])
+    assert all(stability_check(frozen_stats, stability_range(game_stats)).values())
+    share = motion_share(frozen_stats["change"], game_stats["change"])
+    assert share < STABILITY_MOTION
+    run = {"ok_by_statistic": {"mean": True, "contrast": False, "change": True}, "motion": share}
+    assert stability_verdict(run) == "OUT: contrast, motion"
+    assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8}) == "ok"
 
 
 def test_statistics_and_rolling_mean_on_known_values() -> None:
@@ -277,7 +296,7 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert set(stable["policies"]) == {"window", "tempcache+annsa"}
     for run in stable["policies"].values():
         assert set(run["series"]) == {"mean", "contrast", "change"} and len(run["series"]["mean"]) == 39
-        assert run["ok"] == all(run["ok_by_statistic"].values())
+        assert run["ok"] == (all(run["ok_by_statistic"].values()) and run["motion"] >= STABILITY_MOTION)
         assert run["mean_by_statistic"]["change"] == pytest.approx(np.mean(run["series"]["change"]), abs=0.01)
     assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == {"mean", "contrast", "change"}
     assert Image.open(out / "strip.png").size == (48 + 32 * 16 * 2, 14 + 2 * 16 * 2)
