@@ -321,6 +321,15 @@ def test_fine_tuning_needs_a_matching_checkpoint(tmp_path: Path):
         train(tmp_path / "c", tiny_config(), no_autoencoder, device="cpu", progress=False, init_from=tmp_path / "x")
 
 
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("train*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_training_config_loads(path: Path):
+    """The recipes docs/training.md quotes stay valid as TrainConfig changes."""
+    config = load_train_config(path)
+    assert config.dit.steps > 0
+
+
 def test_bad_training_config_and_damaged_state_give_one_line_errors(tmp_path: Path, capsys):
     bad = tmp_path / "train.yaml"
     bad.write_text(yaml.safe_dump({**TINY_TRAIN, "dit": {**TINY_TRAIN["dit"], "lr": -1}, "extra": 1}))
