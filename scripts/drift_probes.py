@@ -3,6 +3,7 @@ tools, not part of the engine. Each prints one JSON object; run from the reposit
 
     python scripts/drift_probes.py positions --policy dense --frames 1000 --max-distance 128
     python scripts/drift_probes.py annsa --frames 1000
+    python scripts/drift_probes.py starts --frames 200 --image docs/images/drift_starts.png
 
 `positions`: one open-loop rollout under the actions of `worldserve eval`'s stability episode (held-out maze 0),
 once as configured and once with every cached frame presented at most `--max-distance` frames before the frame
@@ -11,6 +12,12 @@ every 100 frames and the strongest periods of the brightness spectrum.
 
 `annsa`: a `tempcache` rollout; at a few frames the next frame is predicted from the same cache and the same
 noise with and without AnnSA, and their PSNR against each other is printed.
+
+`starts`: the same actions from three starts (the prompt alone, 1 true frame, 8 true frames), under the configured
+policy; per start the PSNR against the game at a few frame indices and the frame change against the game's per 25
+frames, and with `--image` a picture: the game's row, then one row per start, every `--every` frames from frame 8
+on. The statistics of the stability check cannot tell a coherent view from a smear of the right brightness; this
+shows which one the model gives.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,17 +134,61 @@ def annsa(base: WorldEngine, frames: int) -> dict:
     return {"frames": frames, "dense_vs_annsa": rows}
 
 
+STARTS = {"prompt alone": 0, "1 true frame": 1, "8 true frames": 8}  # true frames the rollout starts from
+
+
+def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dict:
+    game, actions = _game(base, frames)
+    first = max(STARTS.values())  # the first frame every start generates
+    rows, report = [game.frames], {}
+    for name, context in STARTS.items():
+        world = base.new_world(game.prompt, seed=0)
+        if context:
+            base.observe(world, game.frames[:context], actions[:context])
+        generated = [base.step([world], [actions[i : i + 1]])[0][0] for i in range(context, frames)]
+        made = np.stack([np.zeros_like(game.frames[0])] * context + generated)  # indexed like the game's frames
+        rows.append(made)
+        change = frame_statistics(made[first:], made[first - 1])["change"]
+        game_change = frame_statistics(game.frames[first:], game.frames[first - 1])["change"]
+        blocks = len(change) // 25 * 25
+        report[name] = {
+            "psnr_db_at_frame": {
+                i: round(psnr(made[i], game.frames[i]), 2) for i in (8, 9, 12, 16, 24, 40, 72, 136) if i < frames
+            },
+            "motion_share": round(motion_share(change, game_change), 3),
+            "change_per_25": [round(float(v), 1) for v in change[:blocks].reshape(-1, 25).mean(1)],
+        }
+    report["game change_per_25"] = [
+        round(float(v), 1)
+        for v in frame_statistics(game.frames[first:], game.frames[first - 1])["change"][: (frames - first) // 25 * 25]
+        .reshape(-1, 25)
+        .mean(1)
+    ]
+    if image:
+        shown = list(range(first, frames, every))
+        picture = np.concatenate([np.concatenate([row[i] for i in shown], axis=1) for row in rows], axis=0)
+        Image.fromarray(picture).save(image)
+        report["image"] = {"path": image, "rows": ["game", *STARTS], "frames": shown}
+    return {"policy": base.policy.name, "prompt": game.prompt, "frames": frames, "starts": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["positions", "annsa"])
+    parser.add_argument("probe", choices=["positions", "annsa", "starts"])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--policy", default="dense", choices=sorted(ATTENTION_PRESETS))
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--max-distance", type=int, default=128)
+    parser.add_argument("--every", type=int, default=8, help="starts: frames between the picture's columns")
+    parser.add_argument("--image", help="starts: write the picture (PNG) here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args()
-    base = WorldEngine.from_config(load_config(args.config))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    base = WorldEngine.from_config(load_config(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()}))
     if args.probe == "positions":
         print(json.dumps(positions(base, args.policy, args.frames, args.max_distance)))
+    elif args.probe == "starts":
+        print(json.dumps(starts(base, args.frames, args.every, args.image)))
     else:
         print(json.dumps(annsa(base, args.frames)))
 
