@@ -17,7 +17,8 @@ Parts, each an engine loop feeding a pure metric function below it (the function
                      (same maze seed and actions) has the nearest `colour_signature`
     stability        a long open-loop rollout per attention policy under HumanPolicy actions; every per-frame
                      statistic, smoothed, must stay within the game's own range (`stability_check`), and the
-                     rollout must move at least STABILITY_MOTION of the game's frame change (`motion_share`)
+                     rollout must keep at least STABILITY_MOTION of the game's frame change and STABILITY_DETAIL of
+                     its detail (`share_of_game`)
     speed            frames per second of the FPS_POLICY rollout around frame FPS_FRAME (median step, with decode)
 
 Output: eval.json (everything, with seeds, config, device and wall times), eval.md, strip.png, stability.png.
@@ -49,10 +50,12 @@ from engine.world_engine import WorldEngine
 EVAL_FORMAT = "worldserve-eval/1"
 HORIZONS = (1, 4, 8, 16, 32)  # open-loop horizons: the h-th generated frame (frames)
 DEFAULT_POLICIES = tuple(ATTENTION_PRESETS)  # every attention configuration the server offers
-STATISTICS = ("mean", "contrast", "change")  # per frame, on 0..255: mean, std, mean |frame - previous frame|
+# per frame, on 0..255: mean, std, mean |frame - previous frame|, mean |pixel - its right and lower neighbours|
+STATISTICS = ("mean", "contrast", "change", "detail")
 STABILITY_WINDOW = 25  # frames of the trailing rolling mean a model's statistics are smoothed with
 STABILITY_MARGIN = 0.1  # the game's range of a statistic is widened by this fraction of its width on each side
 STABILITY_MOTION = 0.5  # a policy's mean frame change must be at least this share of the game's under the same actions
+STABILITY_DETAIL = 0.5  # and its mean detail at least this share of the game's: a smear of the right colours has little
 DIFFERENT_FRAMES = 1.0  # mean |a - b| (0..255) above which the game's two next frames count as different
 FPS_POLICY, FPS_FRAME, FPS_FRAMES = "tempcache+annsa", 1000, 64  # speed: median step over frames 1000..1063
 
@@ -171,14 +174,19 @@ def classify_theme(clip: np.ndarray, references: dict[str, np.ndarray]) -> str:
 
 
 def frame_statistics(frames: np.ndarray, previous: np.ndarray) -> dict[str, np.ndarray]:
-    """Per frame of uint8 (T, H, W, 3): mean intensity, contrast (std) and change (mean |frame - the frame
-    before|; `previous` is the frame before the first), each float64 (T,) on 0..255."""
+    """Per frame of uint8 (T, H, W, 3): mean intensity, contrast (std), change (mean |frame - the frame before|;
+    `previous` is the frame before the first) and detail (mean |pixel - its right neighbour| and |pixel - its lower
+    neighbour|, averaged: edges and texture, which a smear lacks and noise has too much of), each float64 (T,) on
+    0..255."""
     x = frames.astype(np.float64)  # (T, H, W, 3)
     before = np.concatenate([previous[None].astype(np.float64), x[:-1]])  # (T, H, W, 3)
+    across = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
+    down = np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3))
     return {
         "mean": x.mean(axis=(1, 2, 3)),
         "contrast": x.reshape(len(x), -1).std(axis=1),
         "change": np.abs(x - before).mean(axis=(1, 2, 3)),
+        "detail": (across + down) / 2,
     }
 
 
@@ -209,18 +217,22 @@ def stability_check(
     return checks
 
 
-def motion_share(model_change: np.ndarray, game_change: np.ndarray) -> float:
-    """A rollout's mean frame change as a share of the game's under the same actions: what the range check cannot
-    see, since the game itself stands still at times (its change reaches 0), so a world that freezes stays in range."""
-    reference = float(game_change.mean())
-    return float(model_change.mean()) / reference if reference > 0 else float("inf")
+def share_of_game(model: np.ndarray, game: np.ndarray) -> float:
+    """A rollout's mean of a statistic as a share of the game's under the same actions: what the range check cannot
+    see when the game itself reaches the extreme at times. The game stands still at times (its change reaches 0),
+    so a world that freezes stays in range; it faces a wall up close at times (little detail), so a world that
+    smears into its colours does too."""
+    reference = float(game.mean())
+    return float(model.mean()) / reference if reference > 0 else float("inf")
 
 
 def stability_verdict(run: dict[str, Any]) -> str:
-    """'ok', or 'OUT:' and what failed: each statistic that left the game's range, and 'motion' when the rollout
-    moved less than STABILITY_MOTION of the game's frame change."""
+    """'ok', or 'OUT:' and what failed: each statistic that left the game's range, 'motion' when the rollout moved
+    less than STABILITY_MOTION of the game's frame change, 'detail' when it kept less than STABILITY_DETAIL of the
+    game's detail."""
     failed = [name for name, ok in run["ok_by_statistic"].items() if not ok]
     failed += [] if run["motion"] >= STABILITY_MOTION else ["motion"]
+    failed += [] if run["detail"] >= STABILITY_DETAIL else ["detail"]
     return f"OUT: {', '.join(failed)}" if failed else "ok"
 
 
@@ -452,11 +464,13 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
             continue
         stats = frame_statistics(np.stack(frames), game.frames[T - 1])
         checks = stability_check(stats, bounds)
-        motion = motion_share(stats["change"], game_stats["change"])
+        motion = share_of_game(stats["change"], game_stats["change"])
+        detail = share_of_game(stats["detail"], game_stats["detail"])
         runs[name] = {
-            "ok": all(checks.values()) and motion >= STABILITY_MOTION,
+            "ok": all(checks.values()) and motion >= STABILITY_MOTION and detail >= STABILITY_DETAIL,
             "ok_by_statistic": checks,
             "motion": round(motion, 3),
+            "detail": round(detail, 3),
             "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
             "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
@@ -474,6 +488,7 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         "window": STABILITY_WINDOW,
         "margin": STABILITY_MARGIN,
         "motion_min": STABILITY_MOTION,
+        "detail_min": STABILITY_DETAIL,
         "game": {
             "range": {k: [round(low, 2), round(high, 2)] for k, (low, high) in bounds.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in game_stats.items()},
@@ -619,7 +634,7 @@ def markdown(report: dict[str, Any]) -> str:
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
     verdicts = ", ".join(
-        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%)"
+        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%)"
         for name, run in stable["policies"].items()
     )
     control = report["controllability"]
@@ -653,7 +668,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
-        f"| stability over {stable['frames']} frames (policy, verdict, mean frame change against the game's) | "
+        f"| stability over {stable['frames']} frames (policy, verdict, frame change and detail against the game's) | "
         f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
         f"{report['cpu_fps_at_1000']:.1f} | - | - | - |",

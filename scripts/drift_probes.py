@@ -14,10 +14,9 @@ every 100 frames and the strongest periods of the brightness spectrum.
 noise with and without AnnSA, and their PSNR against each other is printed.
 
 `starts`: the same actions from three starts (the prompt alone, 1 true frame, 8 true frames), under the configured
-policy; per start the PSNR against the game at a few frame indices and the frame change against the game's per 25
-frames, and with `--image` a picture: the game's row, then one row per start, every `--every` frames from frame 8
-on. The statistics of the stability check cannot tell a coherent view from a smear of the right brightness; this
-shows which one the model gives.
+policy; per start the PSNR against the game at a few frame indices, and its frame change and detail (the
+evaluation's statistics) as shares of the game's and per 25 frames; with `--image` a picture: the game's row, then
+one row per start, every `--every` frames from frame 8 on: what the evaluation's statistics summarise, to look at.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
 from engine.dataset import episode_actions  # noqa: E402
 from engine.evaluate import (  # noqa: E402
     frame_statistics,
-    motion_share,
     psnr,
     rolling_mean,
+    share_of_game,
     stability_check,
     stability_episode,
     stability_range,
@@ -102,7 +101,7 @@ def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) ->
         top = np.argsort(power)[::-1][:3]
         runs[f"max_distance={max_distance}" if clamped else "as configured"] = {
             "within_range": stability_check(stats, bounds),
-            "motion_share": round(motion_share(stats["change"], game_stats["change"]), 3),
+            "motion_share": round(share_of_game(stats["change"], game_stats["change"]), 3),
             "rolling_mean_every_100": [round(float(mean[i]), 1) for i in range(0, len(mean), 100)],
             "strongest_periods_frames": [[round(float(periods[i]), 1), round(float(power[i]), 1)] for i in top],
         }
@@ -140,6 +139,8 @@ STARTS = {"prompt alone": 0, "1 true frame": 1, "8 true frames": 8}  # true fram
 def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dict:
     game, actions = _game(base, frames)
     first = max(STARTS.values())  # the first frame every start generates
+    blocks = (frames - first) // 25 * 25
+    game_stats = frame_statistics(game.frames[first:], game.frames[first - 1])
     rows, report = [game.frames], {}
     for name, context in STARTS.items():
         world = base.new_world(game.prompt, seed=0)
@@ -148,22 +149,20 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
         generated = [base.step([world], [actions[i : i + 1]])[0][0] for i in range(context, frames)]
         made = np.stack([np.zeros_like(game.frames[0])] * context + generated)  # indexed like the game's frames
         rows.append(made)
-        change = frame_statistics(made[first:], made[first - 1])["change"]
-        game_change = frame_statistics(game.frames[first:], game.frames[first - 1])["change"]
-        blocks = len(change) // 25 * 25
+        stats = frame_statistics(made[first:], made[first - 1])
         report[name] = {
             "psnr_db_at_frame": {
                 i: round(psnr(made[i], game.frames[i]), 2) for i in (8, 9, 12, 16, 24, 40, 72, 136) if i < frames
             },
-            "motion_share": round(motion_share(change, game_change), 3),
-            "change_per_25": [round(float(v), 1) for v in change[:blocks].reshape(-1, 25).mean(1)],
+            "motion_share": round(share_of_game(stats["change"], game_stats["change"]), 3),
+            "detail_share": round(share_of_game(stats["detail"], game_stats["detail"]), 3),
+            "change_per_25": [round(float(v), 1) for v in stats["change"][:blocks].reshape(-1, 25).mean(1)],
+            "detail_per_25": [round(float(v), 1) for v in stats["detail"][:blocks].reshape(-1, 25).mean(1)],
         }
-    report["game change_per_25"] = [
-        round(float(v), 1)
-        for v in frame_statistics(game.frames[first:], game.frames[first - 1])["change"][: (frames - first) // 25 * 25]
-        .reshape(-1, 25)
-        .mean(1)
-    ]
+    report["game"] = {
+        name: [round(float(v), 1) for v in game_stats[name][:blocks].reshape(-1, 25).mean(1)]
+        for name in ("change", "detail")
+    }
     if image:
         shown = list(range(first, frames, every))
         picture = np.concatenate([np.concatenate([row[i] for i in shown], axis=1) for row in rows], axis=0)

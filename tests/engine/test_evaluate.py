@@ -18,6 +18,7 @@ from engine.bench_rollout import PSNR_CAP_DB
 from engine.dataset import THEME_NAMES, Episode, episode_actions, heldout_spec, record, record_episode
 from engine.evaluate import (
     HORIZONS,
+    STABILITY_DETAIL,
     STABILITY_MOTION,
     STABILITY_WINDOW,
     EvalOptions,
@@ -28,12 +29,12 @@ from engine.evaluate import (
     controllability,
     differ,
     frame_statistics,
-    motion_share,
     open_loop,
     open_loop_starts,
     prompt_following,
     psnr,
     rolling_mean,
+    share_of_game,
     ssim,
     stability,
     stability_check,
@@ -144,15 +145,35 @@ def test_a_world_that_freezes_stays_in_range_but_fails_on_motion() -> None:
     played = record_episode(spec.seed, spec.prompt, 120, spec.policy_seed, SIZE, KEYS).frames
     game = np.concatenate([played, np.repeat(played[-1:], 40, axis=0)])  # then the player stands still a while
     game_stats = frame_statistics(game[1:], game[0])
-    assert motion_share(game_stats["change"], game_stats["change"]) == pytest.approx(1.0)
+    assert share_of_game(game_stats["change"], game_stats["change"]) == pytest.approx(1.0)
     frozen = np.repeat(game[1:2], len(game) - 1, axis=0)  # the first view, held
     frozen_stats = frame_statistics(frozen, game[0])
     assert all(stability_check(frozen_stats, stability_range(game_stats)).values())
-    share = motion_share(frozen_stats["change"], game_stats["change"])
+    share = share_of_game(frozen_stats["change"], game_stats["change"])
     assert share < STABILITY_MOTION
-    run = {"ok_by_statistic": {"mean": True, "contrast": False, "change": True}, "motion": share}
+    assert share_of_game(frozen_stats["detail"], game_stats["detail"]) >= STABILITY_DETAIL  # the view itself is sharp
+    run = {"ok_by_statistic": {"mean": True, "contrast": False, "change": True}, "motion": share, "detail": 1.0}
     assert stability_verdict(run) == "OUT: contrast, motion"
     assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8}) == "ok"
+    assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8, "detail": 0.3}) == "OUT: detail"
+
+
+def test_detail_tells_a_smear_and_noise_from_the_game() -> None:
+    spec = heldout_spec(0)
+    game = record_episode(spec.seed, spec.prompt, 120, spec.policy_seed, SIZE, KEYS).frames
+    game_stats = frame_statistics(game[1:], game[0])
+    assert share_of_game(game_stats["detail"], game_stats["detail"]) == pytest.approx(1.0)
+    # each frame blurred by a 5 x 5 box (wrapping at the borders): the same colours, the same mean, little detail
+    x = game.astype(np.float64)
+    for axis in (1, 2):
+        x = sum(np.roll(x, shift, axis=axis) for shift in range(-2, 3)) / 5
+    smeared = x.round().astype(np.uint8)
+    smeared_stats = frame_statistics(smeared[1:], smeared[0])
+    np.testing.assert_allclose(smeared_stats["mean"], game_stats["mean"], atol=0.1)
+    assert share_of_game(smeared_stats["detail"], game_stats["detail"]) < STABILITY_DETAIL
+    # noise has far more detail than the game: out of its range
+    noise = np.random.default_rng(0).integers(0, 256, game.shape, dtype=np.uint8)
+    assert stability_check(frame_statistics(noise[1:], noise[0]), stability_range(game_stats))["detail"] is False
 
 
 def test_statistics_and_rolling_mean_on_known_values() -> None:
@@ -162,6 +183,8 @@ def test_statistics_and_rolling_mean_on_known_values() -> None:
     np.testing.assert_allclose(stats["mean"], [10, 40])
     np.testing.assert_allclose(stats["contrast"], [0, 10])
     np.testing.assert_allclose(stats["change"], [10, 30])
+    # detail: frame 0 is flat; in frame 1 only the 4 vertical neighbour pairs across the 50 | 30 edge differ, by 20
+    np.testing.assert_allclose(stats["detail"], [0, (0 + 20 * 4 / 12) / 2])
     np.testing.assert_allclose(rolling_mean(np.array([1.0, 2, 3, 4]), 2), [1.5, 2.5, 3.5])
     np.testing.assert_allclose(rolling_mean(np.array([1.0, 2, 3]), 25), [2.0])
     assert stability_range({"x": np.array([10.0, 20.0])}, margin=0.1) == {"x": (9.0, 21.0)}
@@ -295,10 +318,13 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     stable = report["stability"]
     assert set(stable["policies"]) == {"window", "tempcache+annsa"}
     for run in stable["policies"].values():
-        assert set(run["series"]) == {"mean", "contrast", "change"} and len(run["series"]["mean"]) == 39
-        assert run["ok"] == (all(run["ok_by_statistic"].values()) and run["motion"] >= STABILITY_MOTION)
+        assert set(run["series"]) == {"mean", "contrast", "change", "detail"} and len(run["series"]["mean"]) == 39
+        shares = run["motion"] >= STABILITY_MOTION and run["detail"] >= STABILITY_DETAIL
+        assert run["ok"] == (all(run["ok_by_statistic"].values()) and shares)
         assert run["mean_by_statistic"]["change"] == pytest.approx(np.mean(run["series"]["change"]), abs=0.01)
-    assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == {"mean", "contrast", "change"}
+    statistics = {"mean", "contrast", "change", "detail"}
+    assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == statistics
+    assert stable["motion_min"] == STABILITY_MOTION and stable["detail_min"] == STABILITY_DETAIL
     assert Image.open(out / "strip.png").size == (48 + 32 * 16 * 2, 14 + 2 * 16 * 2)
     assert Image.open(out / "stability.png").size[0] > 0
     printed = capsys.readouterr().out
