@@ -4,7 +4,9 @@
 #   1. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
 #      background beside 2 (they check results, not speed)
 #   2. fine-tunes of the shipped model on the GPU, side by side, one per training schedule named in RUNS (default:
-#      train_previous_frame_gpu, the recipe of the shipped weights; configs/NAME.yaml). A short probe of each
+#      train_predicted_passes_gpu and train_predicted_context_gpu, the recipes against long-rollout drift that only
+#      ran at CPU scale, docs/training.md; train_previous_frame_gpu is the shipped weights' recipe;
+#      configs/NAME.yaml). A short probe of each
 #      (PROBE_STEPS, default 240) measures the step rate, and each run's dit.steps is then set so that it ends in
 #      about TRAIN_SECONDS (default 300 s): its schedule (warm-up, cosine decay) is the config's, over those
 #      steps. Weights: NAME/model.safetensors
@@ -31,7 +33,7 @@ train_seconds=${TRAIN_SECONDS:-300}
 probe_steps=${PROBE_STEPS:-240}
 device=${DEVICE:-cuda}
 export TRAIN_SECONDS=$train_seconds PROBE_STEPS=$probe_steps
-runs=${RUNS:-train_previous_frame_gpu}
+runs=${RUNS:-train_predicted_passes_gpu train_predicted_context_gpu}
 mkdir -p "$out"
 status=0
 
