@@ -175,7 +175,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["positions", "annsa", "starts"])
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--policy", default="dense", choices=sorted(ATTENTION_PRESETS))
+    parser.add_argument(
+        "--policy", default="dense", choices=sorted(ATTENTION_PRESETS), help="positions only (starts: the config's)"
+    )
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--max-distance", type=int, default=128)
     parser.add_argument("--every", type=int, default=8, help="starts: frames between the picture's columns")
