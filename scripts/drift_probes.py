@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +46,7 @@ from engine.evaluate import (  # noqa: E402
 )
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
+from server.cli import _override  # noqa: E402  (worldserve's own KEY=VALUE parser)
 
 
 class RecentPositions(CachePolicy):
@@ -182,10 +182,9 @@ def main() -> None:
     parser.add_argument("--max-distance", type=int, default=128)
     parser.add_argument("--every", type=int, default=8, help="starts: frames between the picture's columns")
     parser.add_argument("--image", help="starts: write the picture (PNG) here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE", help="config key")
     args = parser.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.set)
-    base = WorldEngine.from_config(load_config(args.config, {k: yaml.safe_load(v) for k, v in overrides.items()}))
+    base = WorldEngine.from_config(load_config(args.config, dict(args.set)))
     if args.probe == "positions":
         print(json.dumps(positions(base, args.policy, args.frames, args.max_distance)))
     elif args.probe == "starts":
