@@ -18,7 +18,9 @@ Parts, each an engine loop feeding a pure metric function below it (the function
     stability        a long open-loop rollout per attention policy under HumanPolicy actions; every per-frame
                      statistic, smoothed, must stay within the game's own range (`stability_check`), and the
                      rollout must keep at least STABILITY_MOTION of the game's frame change and STABILITY_DETAIL of
-                     its detail (`share_of_game`)
+                     its detail (`share_of_game`), and its frames must lie at most STABILITY_VIEW_DROP_DB further
+                     from the views the game shows than the game's own (`nearest_view`); the game's frames through
+                     the autoencoder are the reference of what the model can draw at best
     speed            frames per second of the FPS_POLICY rollout around frame FPS_FRAME (median step, with decode)
 
 Output: eval.json (everything, with seeds, config, device and wall times), eval.md, strip.png, stability.png.
@@ -50,12 +52,19 @@ from engine.world_engine import WorldEngine
 EVAL_FORMAT = "worldserve-eval/1"
 HORIZONS = (1, 4, 8, 16, 32)  # open-loop horizons: the h-th generated frame (frames)
 DEFAULT_POLICIES = tuple(ATTENTION_PRESETS)  # every attention configuration the server offers
-# per frame, on 0..255: mean, std, mean |frame - previous frame|, mean |pixel - its right and lower neighbours|
-STATISTICS = ("mean", "contrast", "change", "detail")
+# per frame, on 0..255: mean, std, mean |frame - previous frame|, mean |pixel - its right and lower neighbours|;
+# and in dB: the PSNR of the nearest game view (`nearest_view`)
+STATISTICS = ("mean", "contrast", "change", "detail", "view")
+VIEW_POOL = 4  # `nearest_view` compares frames averaged over VIEW_POOL x VIEW_POOL pixels: layout, not texture
+VIEW_EXCLUDE = 8  # a frame's own neighbourhood in the stability episode (+-8 frames) is not a candidate view
+VIEW_MAZES = 4  # views also come from this many other held-out mazes, played under the same prompt
 STABILITY_WINDOW = 25  # frames of the trailing rolling mean a model's statistics are smoothed with
 STABILITY_MARGIN = 0.1  # the game's range of a statistic is widened by this fraction of its width on each side
 STABILITY_MOTION = 0.5  # a policy's mean frame change must be at least this share of the game's under the same actions
 STABILITY_DETAIL = 0.5  # and its mean detail at least this share of the game's: a smear of the right colours has little
+STABILITY_VIEW_DROP_DB = (
+    3.01  # and its mean nearest-view PSNR at most this far below the game's: twice its squared error
+)
 DIFFERENT_FRAMES = 1.0  # mean |a - b| (0..255) above which the game's two next frames count as different
 FPS_POLICY, FPS_FRAME, FPS_FRAMES = "tempcache+annsa", 1000, 64  # speed: median step over frames 1000..1063
 
@@ -190,6 +199,32 @@ def frame_statistics(frames: np.ndarray, previous: np.ndarray) -> dict[str, np.n
     }
 
 
+def pooled_views(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3 H W / VIEW_POOL^2) in [0, 1]: each frame averaged over VIEW_POOL x
+    VIEW_POOL pixels, which keeps where the walls, floor and ceiling are and drops their texture."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.nn.functional.avg_pool2d(x, VIEW_POOL).flatten(1)
+
+
+def nearest_view(
+    frames: np.ndarray, views: torch.Tensor, indices: Sequence[int], exclude: int = VIEW_EXCLUDE
+) -> np.ndarray:
+    """Per uint8 frame (T, H, W, 3): the PSNR in dB (capped at PSNR_CAP_DB) between it and the nearest of `views`
+    (`pooled_views` of game frames), both pooled. The first rows of `views` are the stability episode's frames
+    0, 1, ...; for frame k, whose index in that episode is indices[k], the episode's frames within `exclude` of it
+    are left out, so the game's own frames are scored against other moments and mazes, as a model's are. A frame
+    the game could show scores near the game's own values; a smear of its colours, or noise, far below."""
+    queries = pooled_views(frames)
+    scores = []
+    for start in range(0, len(queries), 256):  # (256, V) distances at a time
+        block = torch.cdist(queries[start : start + 256], views).square() / views.shape[1]  # mean squared error
+        for row, index in enumerate(indices[start : start + 256]):
+            block[row, max(0, index - exclude) : index + exclude + 1] = float("inf")
+        error = block.min(dim=1).values.clamp(min=10 ** (-PSNR_CAP_DB / 10))
+        scores.append(-10.0 * torch.log10(error))
+    return torch.cat(scores).double().numpy()
+
+
 def rolling_mean(values: np.ndarray, window: int = STABILITY_WINDOW) -> np.ndarray:
     """Means over every run of `window` consecutive values (len - window + 1 of them; one mean if shorter)."""
     window = min(window, len(values))
@@ -229,10 +264,11 @@ def share_of_game(model: np.ndarray, game: np.ndarray) -> float:
 def stability_verdict(run: dict[str, Any]) -> str:
     """'ok', or 'OUT:' and what failed: each statistic that left the game's range, 'motion' when the rollout moved
     less than STABILITY_MOTION of the game's frame change, 'detail' when it kept less than STABILITY_DETAIL of the
-    game's detail."""
+    game's detail, 'layout' when its mean nearest-view PSNR fell more than STABILITY_VIEW_DROP_DB below the game's."""
     failed = [name for name, ok in run["ok_by_statistic"].items() if not ok]
     failed += [] if run["motion"] >= STABILITY_MOTION else ["motion"]
     failed += [] if run["detail"] >= STABILITY_DETAIL else ["detail"]
+    failed += [] if run["view_drop_db"] <= STABILITY_VIEW_DROP_DB else ["layout"]
     return f"OUT: {', '.join(failed)}" if failed else "ok"
 
 
@@ -431,13 +467,38 @@ def stability_episode(config: WorldConfig, frames: int, key_names: Sequence[str]
     return record_episode(spec.seed, spec.prompt, frames, spec.policy_seed, size, key_names)
 
 
-def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str], log: Log = _say) -> dict[str, Any]:
+def stability_views(config: WorldConfig, game: Episode, key_names: Sequence[str]) -> torch.Tensor:
+    """`pooled_views` of the stability episode's frames, then of VIEW_MAZES other held-out mazes played as long under
+    its prompt: the views `nearest_view` searches."""
+    size = (config.model.frame_height, config.model.frame_width)
+    frames = [game.frames]
+    for j in range(1, VIEW_MAZES + 1):
+        spec = heldout_spec(j)
+        frames.append(record_episode(spec.seed, game.prompt, len(game), spec.policy_seed, size, key_names).frames)
+    return pooled_views(np.concatenate(frames))
+
+
+def stability(
+    engine: WorldEngine,
+    options: EvalOptions,
+    key_names: Sequence[str],
+    log: Log = _say,
+    autoencoder: FrameAutoencoder | None = None,
+) -> dict[str, Any]:
     """Per policy, one open-loop rollout of `stability_frames` frames under the HumanPolicy actions of a game episode
-    (one chunk of true frames first); statistics against the game's own range, and the step times of FPS_POLICY."""
+    (one chunk of true frames first); statistics against the game's own range, and the step times of FPS_POLICY.
+    With `autoencoder`, the same statistics of the game's frames encoded and decoded: what a model drawing through
+    it could show at best."""
     config, T, n = engine.config, engine.chunk_frames, options.stability_frames
     game = stability_episode(config, n, key_names)
     actions = episode_actions(game)
-    game_stats = frame_statistics(game.frames[T:], game.frames[T - 1])
+    views = stability_views(config, game, key_names)
+    indices = list(range(T, n))  # the episode index of every compared frame
+
+    def statistics(frames: np.ndarray) -> dict[str, np.ndarray]:
+        return {**frame_statistics(frames, game.frames[T - 1]), "view": nearest_view(frames, views, indices)}
+
+    game_stats = statistics(game.frames[T:])
     bounds = stability_range(game_stats)
     fps_start = FPS_FRAME if n >= FPS_FRAME + FPS_FRAMES else max(T, n - FPS_FRAMES)
     runs: dict[str, Any] = {}
@@ -462,21 +523,33 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
             speed = {"fps": round(T / float(np.median(window)), 2), "frame": fps_start, "frames": len(window)}
         if timing_only:
             continue
-        stats = frame_statistics(np.stack(frames), game.frames[T - 1])
+        stats = statistics(np.stack(frames))
         checks = stability_check(stats, bounds)
         motion = share_of_game(stats["change"], game_stats["change"])
         detail = share_of_game(stats["detail"], game_stats["detail"])
+        view_drop = float(game_stats["view"].mean() - stats["view"].mean())
         runs[name] = {
-            "ok": all(checks.values()) and motion >= STABILITY_MOTION and detail >= STABILITY_DETAIL,
             "ok_by_statistic": checks,
             "motion": round(motion, 3),
             "detail": round(detail, 3),
+            "view_drop_db": round(view_drop, 2),
             "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
             "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
             "seconds": round(time.perf_counter() - began, 2),
         }
+        runs[name]["ok"] = stability_verdict(runs[name]) == "ok"
         log(f"  stability {name}: {stability_verdict(runs[name])} ({runs[name]['seconds']:.0f} s)")
+    reference = None
+    if autoencoder is not None:
+        with torch.no_grad():
+            decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(game.frames[T:]))).cpu().numpy()
+        decoded_stats = statistics(decoded)
+        reference = {
+            "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in decoded_stats.items()},
+            "detail": round(share_of_game(decoded_stats["detail"], game_stats["detail"]), 3),
+            "view_drop_db": round(float(game_stats["view"].mean() - decoded_stats["view"].mean()), 2),
+        }
     return {
         "ok": all(run["ok"] for run in runs.values()),
         "frames": n,
@@ -489,6 +562,9 @@ def stability(engine: WorldEngine, options: EvalOptions, key_names: Sequence[str
         "margin": STABILITY_MARGIN,
         "motion_min": STABILITY_MOTION,
         "detail_min": STABILITY_DETAIL,
+        "view_drop_max_db": STABILITY_VIEW_DROP_DB,
+        "view": {"pool": VIEW_POOL, "exclude": VIEW_EXCLUDE, "mazes": VIEW_MAZES},
+        "game_through_autoencoder": reference,
         "game": {
             "range": {k: [round(low, 2), round(high, 2)] for k, (low, high) in bounds.items()},
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in game_stats.items()},
@@ -559,7 +635,7 @@ def run_eval(
     timed("prompt_following", part)
     # 5. Long-rollout stability per attention policy, and the speed of FPS_POLICY.
     part = time.perf_counter()
-    stable = stability(engine, options, keys, log)
+    stable = stability(engine, options, keys, log, engine.model.autoencoder)
     timed("stability", part)
     seconds["total"] = round(time.perf_counter() - began, 2)
     seeds = {e.seed for e in episodes} | {heldout_spec(j).seed for j in range(options.prompt_seeds)} | {stable["seed"]}
@@ -634,9 +710,16 @@ def markdown(report: dict[str, Any]) -> str:
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
     verdicts = ", ".join(
-        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%)"
+        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%, "
+        f"nearest view {run['view_drop_db']:.1f} dB below the game's)"
         for name, run in stable["policies"].items()
     )
+    decoded = stable["game_through_autoencoder"]
+    if decoded is not None:
+        verdicts += (
+            f"; the game through the autoencoder: detail {100 * decoded['detail']:.0f}%, "
+            f"nearest view {decoded['view_drop_db']:.1f} dB below the game's"
+        )
     control = report["controllability"]
     ceiling, latent_copy = report["baselines"]["autoencoder"], report["baselines"]["autoencoder_copy_last"]
     moved = report["teacher_forced_moving_frames"]
@@ -668,7 +751,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
-        f"| stability over {stable['frames']} frames (policy, verdict, frame change and detail against the game's) | "
+        f"| stability over {stable['frames']} frames (policy, verdict, frame change and detail against the game's, "
+        "nearest-view PSNR below the game's) | "
         f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
         f"{report['cpu_fps_at_1000']:.1f} | - | - | - |",
@@ -727,7 +811,7 @@ def plot_stability(stable: dict[str, Any], path: Path) -> None:
             axes.plot(
                 x[len(x) - len(smooth) :], smooth, linewidth=1.4, label=f"{policy}{'' if run['ok'] else ' (out)'}"
             )
-        axes.set(ylabel=f"{name} (0..255)")
+        axes.set(ylabel=f"{name} ({'dB' if name == 'view' else '0..255'})")
         axes.grid(alpha=0.3)
     rows[0].set_title(f"Long-rollout statistics: model (rolling mean of {window}) vs the game", fontsize=10)
     rows[0].legend(fontsize=8, ncols=3)

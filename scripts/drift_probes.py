@@ -15,8 +15,10 @@ noise with and without AnnSA, and their PSNR against each other is printed.
 
 `starts`: the same actions from three starts (the prompt alone, 1 true frame, 8 true frames), under the configured
 policy; per start the PSNR against the game at a few frame indices, and its frame change and detail (the
-evaluation's statistics) as shares of the game's and per 25 frames; with `--image` a picture: the game's row, then
-one row per start, every `--every` frames from frame 8 on: what the evaluation's statistics summarise, to look at.
+evaluation's statistics) as shares of the game's and per 25 frames, and how far its frames lie from the views the
+game shows (the evaluation's view statistic: its mean's drop below the game's in dB, and per 25 frames); with
+`--image` a picture: the game's row, then one row per start, every `--every` frames from frame 8 on: what the
+evaluation's statistics summarise, to look at.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
 from engine.dataset import episode_actions  # noqa: E402
 from engine.evaluate import (  # noqa: E402
     frame_statistics,
+    nearest_view,
     psnr,
     rolling_mean,
     share_of_game,
     stability_check,
     stability_episode,
     stability_range,
+    stability_views,
 )
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
@@ -140,16 +144,21 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     game, actions = _game(base, frames)
     first = max(STARTS.values())  # the first frame every start generates
     blocks = (frames - first) // 25 * 25
-    game_stats = frame_statistics(game.frames[first:], game.frames[first - 1])
+    views, indices = stability_views(base.config, game, base.config.model.actions.keys), list(range(first, frames))
+
+    def statistics(made: np.ndarray) -> dict[str, np.ndarray]:  # of frames first.. of a start indexed like the game's
+        return {**frame_statistics(made[first:], made[first - 1]), "view": nearest_view(made[first:], views, indices)}
+
+    game_stats = statistics(game.frames)
     rows, report = [game.frames], {}
     for name, context in STARTS.items():
         world = base.new_world(game.prompt, seed=0)
         if context:
             base.observe(world, game.frames[:context], actions[:context])
         generated = [base.step([world], [actions[i : i + 1]])[0][0] for i in range(context, frames)]
-        made = np.stack([np.zeros_like(game.frames[0])] * context + generated)  # indexed like the game's frames
+        made = np.concatenate([game.frames[:context], np.stack(generated)])  # indexed like the game's frames
         rows.append(made)
-        stats = frame_statistics(made[first:], made[first - 1])
+        stats = statistics(made)
         report[name] = {
             "psnr_db_at_frame": {
                 i: round(psnr(made[i], game.frames[i]), 2) for i in (8, 9, 12, 16, 24, 40, 72, 136) if i < frames
@@ -158,10 +167,12 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
             "detail_share": round(share_of_game(stats["detail"], game_stats["detail"]), 3),
             "change_per_25": [round(float(v), 1) for v in stats["change"][:blocks].reshape(-1, 25).mean(1)],
             "detail_per_25": [round(float(v), 1) for v in stats["detail"][:blocks].reshape(-1, 25).mean(1)],
+            "view_drop_db": round(float(game_stats["view"].mean() - stats["view"].mean()), 2),
+            "view_per_25": [round(float(v), 1) for v in stats["view"][:blocks].reshape(-1, 25).mean(1)],
         }
     report["game"] = {
         name: [round(float(v), 1) for v in game_stats[name][:blocks].reshape(-1, 25).mean(1)]
-        for name in ("change", "detail")
+        for name in ("change", "detail", "view")
     }
     if image:
         shown = list(range(first, frames, every))

@@ -20,6 +20,7 @@ from engine.evaluate import (
     HORIZONS,
     STABILITY_DETAIL,
     STABILITY_MOTION,
+    STABILITY_VIEW_DROP_DB,
     STABILITY_WINDOW,
     EvalOptions,
     alternative_action,
@@ -29,8 +30,10 @@ from engine.evaluate import (
     controllability,
     differ,
     frame_statistics,
+    nearest_view,
     open_loop,
     open_loop_starts,
+    pooled_views,
     prompt_following,
     psnr,
     rolling_mean,
@@ -153,9 +156,13 @@ def test_a_world_that_freezes_stays_in_range_but_fails_on_motion() -> None:
     assert share < STABILITY_MOTION
     assert share_of_game(frozen_stats["detail"], game_stats["detail"]) >= STABILITY_DETAIL  # the view itself is sharp
     run = {"ok_by_statistic": {"mean": True, "contrast": False, "change": True}, "motion": share, "detail": 1.0}
+    run["view_drop_db"] = 0.0
     assert stability_verdict(run) == "OUT: contrast, motion"
     assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8}) == "ok"
     assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8, "detail": 0.3}) == "OUT: detail"
+    assert stability_verdict({**run, "ok_by_statistic": {"mean": True}, "motion": 0.8, "view_drop_db": 3.5}) == (
+        "OUT: layout"
+    )
 
 
 def test_detail_tells_a_smear_and_noise_from_the_game() -> None:
@@ -174,6 +181,33 @@ def test_detail_tells_a_smear_and_noise_from_the_game() -> None:
     # noise has far more detail than the game: out of its range
     noise = np.random.default_rng(0).integers(0, 256, game.shape, dtype=np.uint8)
     assert stability_check(frame_statistics(noise[1:], noise[0]), stability_range(game_stats))["detail"] is False
+
+
+def test_nearest_view_leaves_out_the_frames_own_moment() -> None:
+    views = pooled_views(np.stack([np.full((16, 16, 3), v, np.uint8) for v in (0, 100, 110, 200)]))
+    frame = np.full((1, 16, 16, 3), 100, np.uint8)
+    assert nearest_view(frame, views, [0], exclude=0)[0] == PSNR_CAP_DB  # view 1 is the frame itself
+    # left out with its neighbours: the nearest is then view 3 (100 grey levels off, 8.1 dB) ...
+    assert nearest_view(frame, views, [1], exclude=1)[0] == pytest.approx(20 * np.log10(255 / 100), abs=1e-3)
+    # ... or view 2 (10 levels off, 28.1 dB)
+    assert nearest_view(frame, views, [0], exclude=1)[0] == pytest.approx(20 * np.log10(255 / 10), abs=1e-3)
+
+
+def test_nearest_view_tells_the_games_layout_from_a_scrambled_one() -> None:
+    spec = heldout_spec(0)
+    game = record_episode(spec.seed, spec.prompt, 200, spec.policy_seed, SIZE, KEYS).frames
+    views, indices = pooled_views(game), list(range(len(game)))
+    own = nearest_view(game, views, indices)
+    # the same colours, not where the game puts them: upside down (floor above ceiling), or flattened to the mean
+    flipped = nearest_view(game[:, ::-1], views, indices)
+    flat = nearest_view(
+        np.broadcast_to(game.mean(axis=(1, 2), keepdims=True), game.shape).astype(np.uint8), views, indices
+    )
+    noise = nearest_view(np.random.default_rng(0).integers(0, 256, game.shape, dtype=np.uint8), views, indices)
+    for scrambled in (flipped, flat, noise):
+        assert own.mean() - scrambled.mean() > STABILITY_VIEW_DROP_DB
+    # noise is also out of the range of the game's own frames; the others are not, hence the criterion on the mean
+    assert stability_check({"view": noise}, stability_range({"view": own}))["view"] is False
 
 
 def test_statistics_and_rolling_mean_on_known_values() -> None:
@@ -318,13 +352,19 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
     stable = report["stability"]
     assert set(stable["policies"]) == {"window", "tempcache+annsa"}
     for run in stable["policies"].values():
-        assert set(run["series"]) == {"mean", "contrast", "change", "detail"} and len(run["series"]["mean"]) == 39
+        assert (
+            set(run["series"]) == {"mean", "contrast", "change", "detail", "view"} and len(run["series"]["mean"]) == 39
+        )
         shares = run["motion"] >= STABILITY_MOTION and run["detail"] >= STABILITY_DETAIL
+        shares = shares and run["view_drop_db"] <= STABILITY_VIEW_DROP_DB
         assert run["ok"] == (all(run["ok_by_statistic"].values()) and shares)
         assert run["mean_by_statistic"]["change"] == pytest.approx(np.mean(run["series"]["change"]), abs=0.01)
-    statistics = {"mean", "contrast", "change", "detail"}
+    statistics = {"mean", "contrast", "change", "detail", "view"}
     assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == statistics
+    decoded = stable["game_through_autoencoder"]  # what the model could draw at best
+    assert set(decoded["mean_by_statistic"]) == statistics and decoded["detail"] > 0
     assert stable["motion_min"] == STABILITY_MOTION and stable["detail_min"] == STABILITY_DETAIL
+    assert stable["view_drop_max_db"] == STABILITY_VIEW_DROP_DB
     assert Image.open(out / "strip.png").size == (48 + 32 * 16 * 2, 14 + 2 * 16 * 2)
     assert Image.open(out / "stability.png").size[0] > 0
     printed = capsys.readouterr().out
