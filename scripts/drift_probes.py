@@ -4,6 +4,7 @@ tools, not part of the engine. Each prints one JSON object; run from the reposit
     python scripts/drift_probes.py positions --policy dense --frames 1000 --max-distance 128
     python scripts/drift_probes.py annsa --frames 1000
     python scripts/drift_probes.py starts --frames 200 --image docs/images/drift_starts.png
+    python scripts/drift_probes.py stages --frames 48 --every 4 --image docs/images/drift_stages.png
 
 `positions`: one open-loop rollout under the actions of `worldserve eval`'s stability episode (held-out maze 0),
 once as configured and once with every cached frame presented at most `--max-distance` frames before the frame
@@ -16,9 +17,14 @@ noise with and without AnnSA, and their PSNR against each other is printed.
 `starts`: the same actions from three starts (the prompt alone, 1 true frame, 8 true frames), under the configured
 policy; per start the PSNR against the game at a few frame indices, and its frame change and detail (the
 evaluation's statistics) as shares of the game's and per 25 frames, and how far its frames lie from the views the
-game shows (the evaluation's view statistic: its mean's drop below the game's in dB, and per 25 frames); with
+game shows (the evaluation's view drop in dB, and its nearest-view PSNR per 25 frames); with
 `--image` a picture: the game's row, then one row per start, every `--every` frames from frame 8 on: what the
 evaluation's statistics summarise, to look at.
+
+`stages`: where the frames lose what the game shows, from the same 8 true frames on: the game's frames encoded and
+decoded by the autoencoder, predicted teacher-forced (each from the true history), and rolled out open loop; per
+row its PSNR against the game, its detail as a share of the game's and its view drop (the evaluation's statistics),
+in all and per 8 frames; with `--image` the game's row and the three, every `--every` frames, at twice the size.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +54,7 @@ from engine.evaluate import (  # noqa: E402
     stability_episode,
     stability_range,
     stability_views,
+    view_drop,
 )
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
@@ -167,7 +175,7 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
             "detail_share": round(share_of_game(stats["detail"], game_stats["detail"]), 3),
             "change_per_25": [round(float(v), 1) for v in stats["change"][:blocks].reshape(-1, 25).mean(1)],
             "detail_per_25": [round(float(v), 1) for v in stats["detail"][:blocks].reshape(-1, 25).mean(1)],
-            "view_drop_db": round(float(game_stats["view"].mean() - stats["view"].mean()), 2),
+            "view_drop_db": round(view_drop(stats["view"], game_stats["view"]), 2),
             "view_per_25": [round(float(v), 1) for v in stats["view"][:blocks].reshape(-1, 25).mean(1)],
         }
     report["game"] = {
@@ -182,17 +190,64 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     return {"policy": base.policy.name, "prompt": game.prompt, "frames": frames, "starts": report}
 
 
+def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dict:
+    game, actions = _game(base, frames)
+    first = 8  # true frames before the first compared one
+    views, indices = stability_views(base.config, game, base.config.model.actions.keys), list(range(first, frames))
+    autoencoder = base.model.autoencoder
+    with torch.no_grad():
+        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(game.frames))).cpu().numpy()
+    forced, rolled = [], []
+    for made, teacher in ((forced, True), (rolled, False)):
+        world = base.new_world(game.prompt, seed=0)
+        base.observe(world, game.frames[:first], actions[:first])
+        for i in range(first, frames):
+            if teacher:
+                made.extend(base.predict([world], [actions[i : i + 1]])[0])
+                base.observe(world, game.frames[i : i + 1], actions[i : i + 1])
+            else:
+                made.extend(base.step([world], [actions[i : i + 1]])[0])
+    rows = {"game": game.frames[first:], "through the autoencoder": decoded[first:]}
+    rows |= {"teacher-forced": np.stack(forced), "open loop": np.stack(rolled)}
+    blocks = (frames - first) // 8 * 8
+
+    def statistics(made: np.ndarray) -> dict[str, np.ndarray]:
+        return {**frame_statistics(made, game.frames[first - 1]), "view": nearest_view(made, views, indices)}
+
+    game_stats = statistics(rows["game"])
+    report = {}
+    for name, made in rows.items():
+        stats = statistics(made)
+        per_8 = {k: v[:blocks].reshape(-1, 8).mean(1) for k, v in stats.items()}
+        report[name] = {
+            "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(made, rows["game"])])), 2),
+            "detail_share": round(share_of_game(stats["detail"], game_stats["detail"]), 3),
+            "view_drop_db": round(view_drop(stats["view"], game_stats["view"]), 2),
+            "detail_per_8": [round(float(v), 2) for v in per_8["detail"]],
+            "view_per_8": [round(float(v), 1) for v in per_8["view"]],
+        }
+    if image:
+        shown = list(range(0, frames - first, every))
+        picture = np.concatenate([np.concatenate([row[i] for i in shown], axis=1) for row in rows.values()], axis=0)
+        Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.NEAREST).save(image)
+        report["image"] = {"path": image, "rows": list(rows), "frames": [first + i for i in shown]}
+    return {"policy": base.policy.name, "prompt": game.prompt, "first_frame": first, "frames": frames, "stages": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["positions", "annsa", "starts"])
+    parser.add_argument("probe", choices=["positions", "annsa", "starts", "stages"])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument(
-        "--policy", default="dense", choices=sorted(ATTENTION_PRESETS), help="positions only (starts: the config's)"
+        "--policy",
+        default="dense",
+        choices=sorted(ATTENTION_PRESETS),
+        help="positions only (starts, stages: the config's)",
     )
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--max-distance", type=int, default=128)
-    parser.add_argument("--every", type=int, default=8, help="starts: frames between the picture's columns")
-    parser.add_argument("--image", help="starts: write the picture (PNG) here")
+    parser.add_argument("--every", type=int, default=8, help="starts, stages: frames between the picture's columns")
+    parser.add_argument("--image", help="starts, stages: write the picture (PNG) here")
     parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE", help="config key")
     args = parser.parse_args()
     base = WorldEngine.from_config(load_config(args.config, dict(args.set)))
@@ -200,6 +255,8 @@ def main() -> None:
         print(json.dumps(positions(base, args.policy, args.frames, args.max_distance)))
     elif args.probe == "starts":
         print(json.dumps(starts(base, args.frames, args.every, args.image)))
+    elif args.probe == "stages":
+        print(json.dumps(stages(base, args.frames, args.every, args.image)))
     else:
         print(json.dumps(annsa(base, args.frames)))
 

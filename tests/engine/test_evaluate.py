@@ -45,6 +45,7 @@ from engine.evaluate import (
     stability_verdict,
     teacher_forced,
     theme_clips,
+    view_drop,
 )
 from engine.game import Game
 from engine.model import WorldModel
@@ -204,10 +205,20 @@ def test_nearest_view_tells_the_games_layout_from_a_scrambled_one() -> None:
         np.broadcast_to(game.mean(axis=(1, 2), keepdims=True), game.shape).astype(np.uint8), views, indices
     )
     noise = nearest_view(np.random.default_rng(0).integers(0, 256, game.shape, dtype=np.uint8), views, indices)
+    assert view_drop(own, own) == 0.0
     for scrambled in (flipped, flat, noise):
-        assert own.mean() - scrambled.mean() > STABILITY_VIEW_DROP_DB
+        assert view_drop(scrambled, own) > STABILITY_VIEW_DROP_DB
     # noise is also out of the range of the game's own frames; the others are not, hence the criterion on the mean
     assert stability_check({"view": noise}, stability_range({"view": own}))["view"] is False
+
+
+def test_view_drop_averages_errors_not_decibels() -> None:
+    # 10 and 30 dB are errors of 0.1 and 0.001: their mean error 0.0505 is 12.97 dB, not the 20 dB of the mean of dB
+    game = np.array([10.0, 30.0])
+    assert view_drop(np.array([20.0, 20.0]), game) == pytest.approx(10 * np.log10(0.01 / 0.0505))
+    assert view_drop(game, np.array([20.0, 20.0])) == pytest.approx(10 * np.log10(0.0505 / 0.01))
+    # an exact twin (the cap, 100 dB) counts as a near-zero error, not as 100 dB
+    assert view_drop(np.array([30.0, 30.0]), np.array([30.0, 100.0])) == pytest.approx(10 * np.log10(2), abs=1e-6)
 
 
 def test_statistics_and_rolling_mean_on_known_values() -> None:
