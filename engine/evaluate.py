@@ -719,14 +719,14 @@ def markdown(report: dict[str, Any]) -> str:
     stable = report["stability"]
     verdicts = ", ".join(
         f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%, "
-        f"nearest view {run['view_drop_db']:.1f} dB below the game's)"
+        f"views {run['view_drop_db']:.1f} dB further than the game's)"
         for name, run in stable["policies"].items()
     )
     decoded = stable["game_through_autoencoder"]
     if decoded is not None:
         verdicts += (
             f"; the game through the autoencoder: detail {100 * decoded['detail']:.0f}%, "
-            f"nearest view {decoded['view_drop_db']:.1f} dB below the game's"
+            f"views {decoded['view_drop_db']:.1f} dB further than the game's"
         )
     control = report["controllability"]
     ceiling, latent_copy = report["baselines"]["autoencoder"], report["baselines"]["autoencoder_copy_last"]
@@ -760,7 +760,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
         f"| stability over {stable['frames']} frames (policy, verdict, frame change and detail against the game's, "
-        "nearest-view PSNR below the game's) | "
+        "distance to the game's views against the game's own) | "
         f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
         f"{report['cpu_fps_at_1000']:.1f} | - | - | - |",
@@ -819,7 +819,7 @@ def plot_stability(stable: dict[str, Any], path: Path) -> None:
             axes.plot(
                 x[len(x) - len(smooth) :], smooth, linewidth=1.4, label=f"{policy}{'' if run['ok'] else ' (out)'}"
             )
-        if name == "view":  # the game's standstills reach the 100 dB cap (an exact twin); the drop is below 50
+        if name == "view":  # the game's standstills reach the 100 dB cap (an exact twin); the rest lies below 50
             axes.set(ylabel="view (dB, shown to 50)", ylim=(0, VIEW_PLOT_TOP_DB))
         else:
             axes.set(ylabel=f"{name} (0..255)")
