@@ -224,6 +224,20 @@ def nearest_view(
     return torch.cat(scores).double().numpy()
 
 
+def rollout_statistics(
+    frames: np.ndarray, previous: np.ndarray, views: torch.Tensor, indices: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Every statistic of STATISTICS per frame: `frame_statistics` (`previous`: the frame before the first) and the
+    `nearest_view` among `views` (`indices`: the frames' indices in the stability episode)."""
+    return {**frame_statistics(frames, previous), "view": nearest_view(frames, views, indices)}
+
+
+@torch.no_grad()
+def through_autoencoder(autoencoder: FrameAutoencoder, frames: np.ndarray) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) encoded and decoded: what a model drawing through this autoencoder shows at best."""
+    return autoencoder.decode(autoencoder.encode(torch.from_numpy(frames))).cpu().numpy()
+
+
 def view_drop(model: np.ndarray, game: np.ndarray) -> float:
     """How much further a rollout's frames lie from the game's views than the game's own frames, in dB: 10 log10 of
     the ratio of their mean squared errors to the nearest view (`nearest_view` values, dB). Averaged as errors, not
@@ -386,7 +400,7 @@ def autoencoder_baselines(autoencoder: FrameAutoencoder, episodes: Sequence[Epis
     rows: dict[str, dict[str, list[float]]] = {name: {"psnr": [], "ssim": []} for name in ("ceiling", "copy_last")}
     moved = []
     for episode in episodes:
-        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(episode.frames[first - 1 :]))).cpu().numpy()
+        decoded = through_autoencoder(autoencoder, episode.frames[first - 1 :])
         for k, want in enumerate(episode.frames[first:]):  # target k's frame before it is decoded[k]
             for name, frame in (("ceiling", decoded[k + 1]), ("copy_last", decoded[k])):
                 rows[name]["psnr"].append(psnr(frame, want))
@@ -505,7 +519,7 @@ def stability(
     indices = list(range(T, n))  # the episode index of every compared frame
 
     def statistics(frames: np.ndarray) -> dict[str, np.ndarray]:
-        return {**frame_statistics(frames, game.frames[T - 1]), "view": nearest_view(frames, views, indices)}
+        return rollout_statistics(frames, game.frames[T - 1], views, indices)
 
     game_stats = statistics(game.frames[T:])
     bounds = stability_range(game_stats)
@@ -550,9 +564,7 @@ def stability(
         log(f"  stability {name}: {stability_verdict(runs[name])} ({runs[name]['seconds']:.0f} s)")
     reference = None
     if autoencoder is not None:
-        with torch.no_grad():
-            decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(game.frames[T:]))).cpu().numpy()
-        decoded_stats = statistics(decoded)
+        decoded_stats = statistics(through_autoencoder(autoencoder, game.frames[T:]))
         reference = {
             "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in decoded_stats.items()},
             "detail": round(share_of_game(decoded_stats["detail"], game_stats["detail"]), 3),

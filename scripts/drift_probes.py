@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,14 +45,15 @@ from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
 from engine.dataset import episode_actions  # noqa: E402
 from engine.evaluate import (  # noqa: E402
     frame_statistics,
-    nearest_view,
     psnr,
     rolling_mean,
+    rollout_statistics,
     share_of_game,
     stability_check,
     stability_episode,
     stability_range,
     stability_views,
+    through_autoencoder,
     view_drop,
 )
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
@@ -155,7 +155,7 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     views, indices = stability_views(base.config, game, base.config.model.actions.keys), list(range(first, frames))
 
     def statistics(made: np.ndarray) -> dict[str, np.ndarray]:  # of frames first.. of a start indexed like the game's
-        return {**frame_statistics(made[first:], made[first - 1]), "view": nearest_view(made[first:], views, indices)}
+        return rollout_statistics(made[first:], made[first - 1], views, indices)
 
     game_stats = statistics(game.frames)
     rows, report = [game.frames], {}
@@ -194,9 +194,7 @@ def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     game, actions = _game(base, frames)
     first = 8  # true frames before the first compared one
     views, indices = stability_views(base.config, game, base.config.model.actions.keys), list(range(first, frames))
-    autoencoder = base.model.autoencoder
-    with torch.no_grad():
-        decoded = autoencoder.decode(autoencoder.encode(torch.from_numpy(game.frames))).cpu().numpy()
+    decoded = through_autoencoder(base.model.autoencoder, game.frames)
     forced, rolled = [], []
     for made, teacher in ((forced, True), (rolled, False)):
         world = base.new_world(game.prompt, seed=0)
@@ -212,7 +210,7 @@ def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     blocks = (frames - first) // 8 * 8
 
     def statistics(made: np.ndarray) -> dict[str, np.ndarray]:
-        return {**frame_statistics(made, game.frames[first - 1]), "view": nearest_view(made, views, indices)}
+        return rollout_statistics(made, game.frames[first - 1], views, indices)
 
     game_stats = statistics(rows["game"])
     report = {}
