@@ -116,7 +116,8 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             engines, default = attention_engines(base, settings.attention_presets)
             warm_up(engines, settings.warmup_steps)
             model = base.config.model
-            return {**engines, GAME: GameWorlds(model.frame_height, model.frame_width, model.chunk_frames)}, default
+            game = GameWorlds(model.frame_height, model.frame_width, model.chunk_frames, settings.game_start_frames)
+            return {**engines, GAME: game}, default
 
         try:
             engines, default = await asyncio.wrap_future(worker.call(load))
@@ -195,6 +196,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             "actions": base.action_space.spec(),
             "attention": {"default": state.default_attention, "choices": state.manager.attention_choices},
             "worlds": ["model", "game"],
+            "game_start_frames": s.game_start_frames,
             "limits": state.manager.welcome_limits().model_dump(),
             "sessions": state.manager.info(),
             "token_required": s.token is not None,

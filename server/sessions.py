@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine import World
 from server.encoder import FrameEncoder
 from server.engine_worker import EngineWorker
-from server.game_worlds import GAME
+from server.game_worlds import GAME, GameWorld, GameWorlds
 from server.metrics import Metrics
 from server.protocol import (
     PROTOCOL_VERSION,
@@ -142,8 +143,9 @@ class SessionManager:
         attention = GAME if hello.world == "game" else hello.attention or self.default_attention
         seed = hello.seed if hello.seed is not None else secrets.randbelow(2**31)
         init = await self._init_frames(hello.init_frame, fatal=True)
-        engine = self.worker.engines[attention]
-        world = await asyncio.wrap_future(self.worker.call(lambda: engine.new_world(hello.prompt, seed, init)))
+        world = await asyncio.wrap_future(
+            self.worker.call(lambda: self._make_world(attention, hello.prompt, seed, init))
+        )
         fps = min(hello.fps or self.settings.default_fps, self.settings.max_fps)
         return Session(
             session_id=uuid.uuid4().hex[:12],
@@ -253,14 +255,20 @@ class SessionManager:
     async def _new_world(
         self, session: Session, attention: str, prompt: str, seed: int, init: np.ndarray | None
     ) -> None:
-        engine = self.worker.engines[attention]
-
         def make() -> None:  # on the engine thread, between two steps
-            session.replace_world(engine.new_world(prompt, seed, init), attention, prompt, seed)
+            session.replace_world(self._make_world(attention, prompt, seed, init), attention, prompt, seed)
 
         await asyncio.wrap_future(self.worker.call(make))
         session.outbox.clear()
         session.recent_frames.clear()
+
+    def _make_world(self, attention: str, prompt: str, seed: int, init: np.ndarray | None) -> World | GameWorld:
+        """On the engine thread: a new world. A model world given no frames begins with the game's start view of
+        its seed and prompt (`game_start_frames`), where a game session of the same seed begins."""
+        game: GameWorlds = self.worker.engines[GAME]
+        if init is None and attention != GAME and game.start_frames:
+            init = game.start_view(prompt, seed)
+        return self.worker.engines[attention].new_world(prompt, seed, init)
 
     async def set_prompt(self, session: Session, prompt: str) -> None:
         engine = self.worker.engines[session.attention]

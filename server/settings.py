@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine import ATTENTION_PRESETS
+from engine.game import START_FRAMES
 
 
 class ServerSettings(BaseSettings):
@@ -52,6 +53,14 @@ class ServerSettings(BaseSettings):
     )
     switch_prime_frames: int = Field(
         8, ge=1, description="frames shown last that seed the new cache when a session switches attention (frames)"
+    )
+    game_start_frames: int = Field(
+        START_FRAMES,
+        ge=0,
+        description="every world begins with this many frames of the reference game standing still at the start of "
+        "its seed's maze: a game session plays them, a model session without an init frame is primed with them, so "
+        "both begin in the same place at this frame index; 0: model sessions begin from the prompt alone, for a "
+        "model not trained on the game (frames; a multiple of chunk_frames)",
     )
     warmup_steps: int = Field(2, ge=0, description="engine steps per attention configuration before ready (count)")
 

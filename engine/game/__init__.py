@@ -9,13 +9,14 @@ world model, and be played next to one. docs/game.md describes the rules, themes
     frame = game.step(policy.act(game))   # uint8 (64, 64, 3)
 """
 
-from engine.game.game import Episode, Game, benchmark, play
+from engine.game.game import START_FRAMES, Episode, Game, benchmark, play, start_view
 from engine.game.maze import Maze, generate_maze
 from engine.game.policy import HumanPolicy
 from engine.game.themes import DEFAULT_THEME, THEMES, Theme, theme_for_prompt
 
 __all__ = [
     "DEFAULT_THEME",
+    "START_FRAMES",
     "THEMES",
     "Episode",
     "Game",
@@ -25,5 +26,6 @@ __all__ = [
     "benchmark",
     "generate_maze",
     "play",
+    "start_view",
     "theme_for_prompt",
 ]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.actions import Action
+from engine.actions import IDLE, Action
 from engine.game.maze import Maze, generate_maze
 from engine.game.raycaster import Raycaster, cast
 from engine.game.themes import Theme, theme_for_prompt
@@ -42,6 +42,8 @@ JUMP_HEIGHT = 0.2  # tiles above the standing eye height (walls are 1 tile high)
 EYE_HEIGHT = 0.5
 PLAYER_RADIUS = 0.2  # tiles: half the side of the player's collision square
 _EPS = 1e-6
+START_FRAMES = 8  # frames of standing still a world begins with (`start_view`; docs/game.md, "Where a world begins"):
+# as many as the server primes a new cache with on an attention switch (WORLDSERVE_SWITCH_PRIME_FRAMES)
 
 _FORWARD = frozenset({"KeyW", "ArrowUp"})
 _BACKWARD = frozenset({"KeyS", "ArrowDown"})
@@ -222,6 +224,16 @@ def play(game: Game, act: Callable[[Game], Action], frames: int) -> Episode:
         poses[t] = game.x, game.y, game.heading, game.eye
         moved[t], intended[t] = game.moved_distance, game.intended_distance
     return Episode(out, actions, poses, moved, intended, step_seconds, policy_seconds)
+
+
+def start_view(seed: int, prompt: str, frames: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """The first `frames` frames of `Game(seed, prompt)` with the player standing still, uint8 (frames, H, W, 3):
+    what a world of the game shows before its player moves, and what a world model is given to begin in the same
+    place (`WorldEngine.new_world`'s init_frames)."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    game = Game(seed, prompt, height, width)
+    return np.stack([game.step(IDLE) for _ in range(frames)])
 
 
 def benchmark(frames: int = 2000, height: int = 64, width: int = 64, seed: int = 0, prompt: str = "") -> dict[str, Any]:

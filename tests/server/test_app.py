@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 
 from engine import Action, WorldEngine, load_config
+from engine.game import START_FRAMES, start_view
 from engine.rollout import random_actions
 from server.encoder import decode_jpeg, encode_jpeg
 from server.protocol import ErrorCode
@@ -52,18 +53,20 @@ async def test_lockstep_frames_equal_an_offline_rollout() -> None:
     config = load_config(DEFAULT_CONFIG)
     engine = WorldEngine.from_config(config)
     actions = random_actions(6, seed=3)
-    offline_world = engine.new_world(prompt="red brick dungeon", seed=11)
+    # a model session begins in the maze of its seed: the game's start view, standing still (game_start_frames)
+    begin = start_view(11, "red brick dungeon", START_FRAMES, 64, 64)
+    offline_world = engine.new_world(prompt="red brick dungeon", seed=11, init_frames=begin)
     offline = [engine.step([offline_world], [a])[0][0] for a in actions]
 
     async with run_server(engine, DEFAULT_CONFIG) as server, server.connect() as client:
         welcome = await client.hello(mode="lockstep", seed=11, prompt="red brick dungeon")
-        assert welcome.mode == "lockstep" and welcome.chunk_frames == 1
+        assert welcome.mode == "lockstep" and welcome.chunk_frames == 1 and welcome.frame_index == START_FRAMES
         for seq, action in enumerate(actions):
             await client.send(
                 type="step", seq=seq, t=float(seq), action={"keys": sorted(action.keys), "dx": action.mouse_dx}
             )
             [frame] = await client.frames(1)
-            assert frame.seq == seq and frame.index == seq
+            assert frame.seq == seq and frame.index == START_FRAMES + seq
             # byte-identical JPEG: the server generated exactly the offline frame
             assert frame.jpeg == encode_jpeg(offline[seq], server.state.encoder.quality)
         await client.send(type="ping", t=5.0)
@@ -81,13 +84,15 @@ async def test_lockstep_steps_queue_and_each_gets_exactly_one_frame(tiny_engine,
             (received if message.type == "frame" else refused).append(message)
         assert all(r.type == "error" and r.code == ErrorCode.TOO_MANY_STEPS and not r.fatal for r in refused)
         assert [f.seq for f in received] == sorted(f.seq for f in received) and len(received) >= 3
-        assert [f.index for f in received] == list(range(len(received)))
+        start = server.state.settings.game_start_frames
+        assert [f.index for f in received] == list(range(start, start + len(received)))
         await client.send(type="ping", t=1.0)
         assert (await client.recv()).type == "pong"
 
 
 async def test_session_controls(tiny_engine, tiny_config_file: Path) -> None:
-    async with run_server(tiny_engine, tiny_config_file) as server, server.connect() as client:
+    # worlds from the prompt alone, so that a new world's frames (from 0) tell themselves from the old one's
+    async with run_server(tiny_engine, tiny_config_file, game_start_frames=0) as server, server.connect() as client:
         welcome = await client.hello(mode="realtime", fps=50, seed=2, attention="window")
         assert welcome.attention == "window" and welcome.attention_choices == ["dense", "window"]
         await client.frames(12)

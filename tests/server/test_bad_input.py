@@ -48,7 +48,7 @@ async def test_malformed_messages_get_errors_and_the_session_goes_on(tiny_engine
         await client.send(type="step", seq=5)  # seq must increase
         assert (await client.recv()).code == ErrorCode.OUT_OF_ORDER
         await client.send(type="step", seq=6)
-        assert (await client.frames(1))[0].index == 1
+        assert (await client.frames(1))[0].index == server.state.settings.game_start_frames + 1
         metrics = (await server.get("/metrics")).text
         assert 'worldserve_protocol_errors_total{code="bad_message"} 4.0' in metrics
 

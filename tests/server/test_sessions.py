@@ -89,9 +89,9 @@ async def test_resume_continues_the_same_world(tiny_engine, tiny_config_file: Pa
             assert resumed.resumed and resumed.session_id == welcome.session_id
             kept = (resumed.mode, resumed.seed, resumed.prompt, resumed.attention)
             assert kept == ("lockstep", 4, "icy cave", "window")  # the world's settings, not the new hello's
-            assert resumed.frame_index == 3
+            assert resumed.frame_index == welcome.frame_index + 3
             await client.send(type="step", seq=0)
-            assert (await client.frames(1))[0].index == 3
+            assert (await client.frames(1))[0].index == welcome.frame_index + 3
         assert "worldserve_sessions_resumed_total 1.0" in (await server.get("/metrics")).text
 
 
