@@ -107,8 +107,10 @@ def run_rollout(
     write_npy: bool = False,
     write_gif: bool = True,
     stop_on_oom: bool = False,
+    init_frames: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Generate len(actions) frames (a multiple of the chunk size) in one world and write them to `out`.
+    """Generate len(actions) frames (a multiple of the chunk size) in one world and write them to `out`; the world
+    begins with `init_frames` (`WorldEngine.new_world`), which are not written.
 
     `write_frames` writes one PNG per frame, `write_npy` all frames as frames.npy, `write_gif` rollout.gif (long
     benchmark runs skip the PNGs and the GIF). Returns what stats.json holds: "frames", one entry per frame, and
@@ -121,7 +123,7 @@ def run_rollout(
     if not actions or len(actions) % chunk:
         raise ValueError(f"the number of frames ({len(actions)}) must be a positive multiple of chunk_frames={chunk}")
     out = Path(out)
-    world = engine.new_world(prompt=prompt, seed=seed)
+    world = engine.new_world(prompt=prompt, seed=seed, init_frames=init_frames)
     frames: list[np.ndarray] = []
     per_frame: list[dict[str, Any]] = []
     stopped_early = None
@@ -156,6 +158,7 @@ def run_rollout(
             "frames": len(frames),
             "seed": seed,
             "prompt": prompt,
+            "init_frames": 0 if init_frames is None else len(init_frames),
             "policy": engine.policy.name,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),

@@ -1,15 +1,17 @@
 """Record an episode of a random agent: the frames as PNGs and the actions, replayable offline.
 
     python examples/record_episode.py --url ws://127.0.0.1:8000/ws --steps 64 --seed 0 --out episode/
-    worldserve rollout --config configs/default.yaml --seed 0 --frames 65 --actions episode/actions.json --out replay/
+    worldserve rollout --config configs/default.yaml --seed 0 --frames 65 --actions episode/actions.json \
+        --game-start-frames 8 --out replay/
 
-(the server's config file; `episode.json` holds the command with the seed, prompt and frame count filled in.)
+(the server's config file; `episode.json` holds the command with the seed, prompt, frame count and the frames the
+world began with filled in: the server's WORLDSERVE_GAME_START_FRAMES, read from the first frame's index.)
 
 Writes to --out:
     frames/000000.png ...  every frame: the reset's first, then each step's, as the client decoded them
     actions.json           one action per frame, format "worldserve-actions/1" (engine/rollout.py `load_actions`);
                            the first is the idle step `WorldEnv.reset` takes
-    episode.json           url, seed, prompt, frame count and the replay command
+    episode.json           url, seed, prompt, game start frames, frame count and the replay command
 
 The replay's frame i (same config, seed, prompt and actions) is this episode's frame i before JPEG compression:
 the server sends JPEGs (quality WORLDSERVE_JPEG_QUALITY), so these PNGs are decoded JPEGs. It holds for a server
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     with WorldEnv(args.url, prompt=args.prompt, token=args.token, max_episode_steps=args.steps + 1) as env:
         env.action_space.seed(args.seed)
         env.reset(seed=args.seed)
+        start_frames = env.last_chunk[0].index  # the frames the world began with (the server's game start)
         _record(env, [], 0.0, 0.0, actions, args.out)
         for _ in range(args.steps):
             action = env.action_space.sample()
@@ -57,9 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "actions.json").write_text(json.dumps(document, indent=1) + "\n")
     replay = (
         f"worldserve rollout --config SERVER_CONFIG --seed {args.seed} --prompt {shlex.quote(args.prompt)} "
-        f"--frames {len(actions)} --actions {shlex.quote(str(args.out / 'actions.json'))} --out REPLAY_DIR"
+        f"--frames {len(actions)} --actions {shlex.quote(str(args.out / 'actions.json'))} "
+        f"--game-start-frames {start_frames} --out REPLAY_DIR"
     )
-    episode = {"url": args.url, "seed": args.seed, "prompt": args.prompt, "frames": len(actions), "replay": replay}
+    episode = {
+        "url": args.url,
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "game_start_frames": start_frames,
+        "frames": len(actions),
+        "replay": replay,
+    }
     (args.out / "episode.json").write_text(json.dumps(episode, indent=1) + "\n")
     print(f"wrote {len(actions)} frames and actions to {args.out}; replay with:\n  {replay}")
     return 0

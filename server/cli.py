@@ -31,6 +31,7 @@ from engine.bench_rollout import (
 )
 from engine.config import describe_config
 from engine.evaluate import EvalOptions, markdown, run_eval
+from engine.game import START_FRAMES, start_view
 from engine.rollout import load_actions, random_actions, run_rollout
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -47,6 +48,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
     return value
 
 
@@ -82,7 +90,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.actions} holds {len(actions)} actions; --frames asks for {args.frames}")
         actions = actions[: args.frames]
     engine = WorldEngine.from_config(config)
-    stats = run_rollout(engine, actions, args.out, seed=args.seed, prompt=args.prompt, write_frames=not args.no_png)
+    m = config.model
+    start = None
+    if args.game_start_frames:
+        start = start_view(args.seed, args.prompt, args.game_start_frames, m.frame_height, m.frame_width)
+    stats = run_rollout(
+        engine, actions, args.out, seed=args.seed, prompt=args.prompt, write_frames=not args.no_png, init_frames=start
+    )
     summary = stats["summary"]
     print(
         f"wrote {summary['frames']} frames to {args.out} | policy {summary['policy']} on {summary['device']} | "
@@ -302,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--prompt", default="", help="text prompt, e.g. 'red brick dungeon'")
     rollout.add_argument("--out", type=Path, required=True, help="output folder")
     rollout.add_argument("--no-png", action="store_true", help="skip the per-frame PNGs (long runs)")
+    rollout.add_argument(
+        "--game-start-frames",
+        type=_non_negative,
+        default=START_FRAMES,
+        help="begin with this many frames of the reference game standing still at the start of maze SEED, as "
+        "`worldserve serve` does (WORLDSERVE_GAME_START_FRAMES); 0: from the prompt alone (default: %(default)s)",
+    )
     rollout.set_defaults(run=cmd_rollout)
 
     bench = commands.add_parser("bench", help="benchmarks")

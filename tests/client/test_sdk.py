@@ -36,6 +36,7 @@ from client import (
     WorldEnv,
 )
 from engine import Action, WorldEngine
+from engine.game import START_FRAMES, start_view
 from server import cli
 from server.encoder import encode_jpeg
 from tests.conftest import write_config
@@ -51,8 +52,10 @@ def tiny_config_file(tmp_path: Path) -> Path:
 
 
 def offline_frames(engine: WorldEngine, prompt: str, seed: int, actions: Sequence[Action]) -> list[np.ndarray]:
-    """What the engine makes for one world under `actions` (one per chunk), uint8 (H, W, 3) each."""
-    world = engine.new_world(prompt, seed)
+    """What the engine makes for one world under `actions` (one per chunk), uint8 (H, W, 3) each, begun as the
+    server begins a model session: with the game's start view of its seed (`game_start_frames`, the default)."""
+    m = engine.config.model
+    world = engine.new_world(prompt, seed, start_view(seed, prompt, START_FRAMES, m.frame_height, m.frame_width))
     return [frame for action in actions for frame in engine.step([world], [action])[0]]
 
 
@@ -89,7 +92,7 @@ async def test_realtime_frames_decode_and_follow_actions(tiny_engine, tiny_confi
             assert await world.ping() > 0
         await asyncio.sleep(0.1)
         assert not server.state.manager.sessions  # closing with 1000 ended the session at once
-    i = frame.index
+    i = frame.index - START_FRAMES  # the world's frames begin after its start view
     played = offline_frames(tiny_engine, "icy cave", 9, [IDLE] * i + [Action(frozenset({"KeyW"}), 15.0, 0.0)])
     assert frame.jpeg == jpeg(played[i], server)  # the action was applied, to that very frame
     assert frame.jpeg != jpeg(offline_frames(tiny_engine, "icy cave", 9, [IDLE] * (i + 1))[i], server)
@@ -118,14 +121,14 @@ async def test_lockstep_frames_equal_an_offline_rollout(tiny_engine, tiny_config
             after_reset = await world.step(keys=["KeyA"])
     assert all(len(chunk) == world.chunk_frames == 1 for chunk in chunks)
     frames = [chunk[0] for chunk in chunks]
-    assert [f.index for f in frames] == list(range(6))
+    assert [f.index for f in frames] == list(range(START_FRAMES, START_FRAMES + 6))
     assert [f.seq for f in frames] == sorted({f.seq for f in frames}) and after_reset[0].seq > frames[-1].seq
     reference = offline_frames(tiny_engine, "neon grid", 11, [Action(frozenset(k), dx) for k, dx in moves])
     assert [f.jpeg for f in frames] == [jpeg(r, server) for r in reference]
     assert np.array_equal(frames[2].image, simplejpeg.decode_jpeg(jpeg(reference[2], server), colorspace="RGB"))
     [reset_frame] = after_reset
     [expected] = offline_frames(tiny_engine, "neon grid", 12, [Action(frozenset({"KeyA"}))])
-    assert reset_frame.index == 0 and reset_frame.jpeg == jpeg(expected, server)
+    assert reset_frame.index == START_FRAMES and reset_frame.jpeg == jpeg(expected, server)
 
 
 async def test_heartbeats_keep_a_quiet_session_open(tiny_engine, tiny_config_file: Path) -> None:
@@ -155,7 +158,8 @@ async def test_world_env_passes_check_env_and_replays_the_engine(tiny_engine, ti
         finally:
             await asyncio.to_thread(env.close)
         await asyncio.to_thread(env.close)  # idempotent
-    assert info == {"frame_index": 0} and [r[4]["frame_index"] for r in results] == [1, 2, 3]
+    assert info == {"frame_index": START_FRAMES}
+    assert [r[4]["frame_index"] for r in results] == [START_FRAMES + 1, START_FRAMES + 2, START_FRAMES + 3]
     assert [r[3] for r in results] == [False, False, True] and np.array_equal(rendered, results[-1][0])
     keys, dx, dy = env.to_input(action)
     reference = offline_frames(tiny_engine, "icy cave", 5, [IDLE] + [Action(frozenset(keys), dx, dy)] * 3)
@@ -239,7 +243,7 @@ async def test_lockstep_step_in_flight_survives_a_dropped_connection(tiny_engine
             finally:
                 del tiny_engine.step
             frames += await world.step(keys=["KeyS"])
-            assert world.resumes == 1 and [f.index for f in frames] == [0, 1, 2]
+            assert world.resumes == 1 and [f.index for f in frames] == [START_FRAMES + i for i in range(3)]
             assert len(server.state.manager.sessions) == 1
     moves = [Action(frozenset({"KeyW"})), Action(frozenset(), 8.0), Action(frozenset({"KeyS"}))]
     assert [f.jpeg for f in frames] == [jpeg(r, server) for r in offline_frames(tiny_engine, "", 5, moves)]

@@ -28,6 +28,19 @@ def test_rollout_command_writes_output_and_replays(tmp_path: Path, capsys: pytes
     assert len(stats["frames"]) == 6
 
 
+def test_rollout_begins_with_the_game_start_view_as_the_server_does(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "tiny.yaml")
+    args = ["rollout", "--config", str(config), "--frames", "2", "--seed", "2", "--prompt", "icy cave"]
+    assert main([*args, "--out", str(tmp_path / "view")]) == 0
+    assert main([*args, "--game-start-frames", "0", "--out", str(tmp_path / "prompt")]) == 0
+    begun = {name: json.loads((tmp_path / name / "stats.json").read_text())["summary"] for name in ("view", "prompt")}
+    assert begun["view"]["init_frames"] == 8 and begun["prompt"]["init_frames"] == 0
+    first = [(tmp_path / name / "frames" / "000000.png").read_bytes() for name in ("view", "prompt")]
+    assert first[0] != first[1]
+    with pytest.raises(SystemExit):
+        main([*args, "--game-start-frames", "-1", "--out", str(tmp_path / "bad")])
+
+
 def test_policy_override(tmp_path: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml")
     out = tmp_path / "w"
