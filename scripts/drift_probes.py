@@ -14,12 +14,13 @@ every 100 frames and the strongest periods of the brightness spectrum.
 `annsa`: a `tempcache` rollout; at a few frames the next frame is predicted from the same cache and the same
 noise with and without AnnSA, and their PSNR against each other is printed.
 
-`starts`: the same actions from three starts (the prompt alone, 1 true frame, 8 true frames), under the configured
+`starts`: the same actions from four starts (the prompt alone, 1 true frame, 8 true frames, and the game's start
+view held for 8 frames before frame 0, where `worldserve serve` begins a model world), under the configured
 policy; per start the PSNR against the game at a few frame indices, and its frame change and detail (the
 evaluation's statistics) as shares of the game's and per 25 frames, and how far its frames lie from the views the
-game shows (the evaluation's view drop in dB, and its nearest-view PSNR per 25 frames); with
-`--image` a picture: the game's row, then one row per start, every `--every` frames from frame 8 on: what the
-evaluation's statistics summarise, to look at.
+game shows (the evaluation's view drop in dB, and its nearest-view PSNR per 25 frames); with `--image` a picture:
+the game's row, then one row per start, every `--every` frames from frame 8 on: what the evaluation's statistics
+summarise, to look at.
 
 `stages`: where the frames lose what the game shows, from the same 8 true frames on: the game's frames encoded and
 decoded by the autoencoder, predicted teacher-forced (each from the true history), and rolled out open loop; per
@@ -56,6 +57,7 @@ from engine.evaluate import (  # noqa: E402
     through_autoencoder,
     view_drop,
 )
+from engine.game import START_FRAMES, start_view  # noqa: E402
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
 from server.cli import _override  # noqa: E402  (worldserve's own KEY=VALUE parser)
@@ -145,7 +147,10 @@ def annsa(base: WorldEngine, frames: int) -> dict:
     return {"frames": frames, "dense_vs_annsa": rows}
 
 
-STARTS = {"prompt alone": 0, "1 true frame": 1, "8 true frames": 8}  # true frames the rollout starts from
+# true frames the rollout starts from; "the game's start view" is where `worldserve serve` begins a model world
+# (WORLDSERVE_GAME_START_FRAMES): the game's first view held for START_FRAMES frames, then the same actions from frame 0
+VIEW = "the game's start view"
+STARTS = {"prompt alone": 0, "1 true frame": 1, "8 true frames": 8, VIEW: 0}
 
 
 def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dict:
@@ -160,7 +165,9 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     game_stats = statistics(game.frames)
     rows, report = [game.frames], {}
     for name, context in STARTS.items():
-        world = base.new_world(game.prompt, seed=0)
+        height, width = base.config.model.frame_height, base.config.model.frame_width
+        begin = start_view(game.seed, game.prompt, START_FRAMES, height, width) if name == VIEW else None
+        world = base.new_world(game.prompt, seed=0, init_frames=begin)
         if context:
             base.observe(world, game.frames[:context], actions[:context])
         generated = [base.step([world], [actions[i : i + 1]])[0][0] for i in range(context, frames)]
@@ -169,7 +176,9 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
         stats = statistics(made)
         report[name] = {
             "psnr_db_at_frame": {
-                i: round(psnr(made[i], game.frames[i]), 2) for i in (8, 9, 12, 16, 24, 40, 72, 136) if i < frames
+                i: round(psnr(made[i], game.frames[i]), 2)
+                for i in (0, 1, 4, 8, 9, 12, 16, 24, 40, 72, 136)
+                if context <= i < frames  # the frames this start generated
             },
             "motion_share": round(share_of_game(stats["change"], game_stats["change"]), 3),
             "detail_share": round(share_of_game(stats["detail"], game_stats["detail"]), 3),

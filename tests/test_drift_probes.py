@@ -42,3 +42,13 @@ def test_the_annsa_probe_compares_predictions_from_one_cache() -> None:
     result = probes.annsa(_engine(), 60)
     assert [row["frame"] for row in result["dense_vs_annsa"]] == [11, 51]
     assert all(row["psnr_db"] > 0 for row in result["dense_vs_annsa"])
+
+
+def test_the_starts_probe_scores_only_the_frames_each_start_generated() -> None:
+    result = probes.starts(_engine(), 40, 8, None)["starts"]
+    assert set(result) == {*probes.STARTS, "game"}
+    for name, context in probes.STARTS.items():
+        scored = [int(i) for i in result[name]["psnr_db_at_frame"]]
+        assert scored and min(scored) == (8 if context == 8 else 1 if context == 1 else 0), name
+    # the start view is the game's first view: the world that begins with it is not the one from the prompt alone
+    assert result[probes.VIEW]["psnr_db_at_frame"] != result["prompt alone"]["psnr_db_at_frame"]
