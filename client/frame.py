@@ -41,6 +41,7 @@ class Frame:
     timings: p.Timings  # queue_ms, step_ms, encode_ms on the server
     cache: p.CacheInfo  # KV cache slots in use and bytes allocated for this world
     dropped: int  # this session's frames the server replaced before sending, so far
+    input: p.AppliedInput  # the input this frame applied: keys held and tapped, buttons, the mouse motion it took
     jpeg: bytes  # the frame as sent: an RGB JPEG
     received_ms: float  # when it arrived, on the `now_ms` clock
 

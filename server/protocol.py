@@ -269,6 +269,17 @@ class CacheInfo(_Message):
     bytes: int  # KV cache memory allocated for this world
 
 
+class AppliedInput(_Message):
+    """The input a frame applied: the keys held and tapped since the frame before, `MouseEvent.buttons` bits, and
+    the mouse motion it took (realtime); a step's input (lockstep). Unbounded: taps and motion accumulate between
+    two frames, so it may hold more than one `action` may send."""
+
+    keys: list[str]
+    dx: float
+    dy: float
+    buttons: int
+
+
 class Frame(_Message):
     type: Literal["frame"] = "frame"
     index: int  # frame index in this world: frames so far, counting init and seed frames (see docs/protocol.md)
@@ -278,6 +289,7 @@ class Frame(_Message):
     timings: Timings
     cache: CacheInfo
     dropped: int  # frames of this session replaced before they were sent, up to when this frame was made
+    input: AppliedInput
     jpeg: bytes
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from engine import Action, World
-from server.protocol import Input
+from server.protocol import AppliedInput, Input
 
 Mode = Literal["realtime", "lockstep"]
 
@@ -32,6 +32,14 @@ BUTTON_KEYS = ("MousePrimary", "MouseSecondary", "MouseAuxiliary", "MouseBack", 
 def to_action(value: Input) -> Action:
     buttons = {name for bit, name in enumerate(BUTTON_KEYS) if value.buttons >> bit & 1}
     return Action(frozenset(value.keys) | buttons, value.dx, value.dy)
+
+
+def applied_input(action: Action) -> AppliedInput:
+    """The inverse of `to_action`: the input an engine action applied, as frames report it (keys sorted, buttons as
+    bits)."""
+    buttons = sum(1 << bit for bit, name in enumerate(BUTTON_KEYS) if name in action.keys)
+    keys = sorted(action.keys - set(BUTTON_KEYS))
+    return AppliedInput(keys=keys, dx=action.mouse_dx, dy=action.mouse_dy, buttons=buttons)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from server.protocol import (
     Welcome,
     encode,
 )
-from server.session import Chunk, Session
+from server.session import Chunk, Session, applied_input
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -306,6 +306,7 @@ class SessionManager:
             queue_ms=round(chunk.queue_ms, 3), step_ms=round(chunk.step_ms, 3), encode_ms=round(encode_ms, 3)
         )
         dropped_before = session.outbox.dropped
+        applied = applied_input(chunk.applied.action)
         chunk.messages = [
             encode(
                 Frame(
@@ -316,6 +317,7 @@ class SessionManager:
                     timings=timings,
                     cache=cache,
                     dropped=dropped_before,
+                    input=applied,
                     jpeg=jpeg,
                 )
             )

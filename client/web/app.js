@@ -3,8 +3,9 @@
 // URL parameters (all optional): ?token= (kept in sessionStorage, then removed from the address bar), ?prompt=,
 // ?seed=, ?attention=, ?fps=. `window.worldserve.state` mirrors what the page shows, for tests and the console.
 //
-// "Compare with the game" opens a second connection (`world: "game"`, the model session's seed, prompt and fps)
-// that gets every input and every reset, prompt and pause the model session gets; its frames go to a second canvas.
+// "Compare with the game" opens a second connection (`world: "game"`, lockstep, the model session's seed and prompt)
+// that takes one step per model frame under the input that frame applied (`frame.input`), and every reset and prompt
+// the model session gets; its frames go to a second canvas.
 
 import { Connection } from "./connection.js";
 import { Controls } from "./controls.js";
@@ -87,10 +88,6 @@ const input = new Input(canvas, () => {
   const taken = input.take();
   const seq = connection.sendAction(taken);
   if (seq !== null) state.lastSeqSent = seq;
-  if (state.compare) {
-    const gameSeq = game.sendAction(taken); // the same input, under the game connection's own seq
-    if (gameSeq !== null) state.game.lastSeqSent = gameSeq;
-  }
 });
 const legend = new Legend($("keys"), $("mouse-note"), input);
 
@@ -103,6 +100,7 @@ const controls = new Controls(document.querySelector(".panel"), {
   },
   reset(seed) {
     if (!connection.send(protocol.reset({ seed }))) return;
+    world.resetFrom = state.frameIndex; // frames of the old world still on their way step no game
     if (seed !== undefined) {
       remember({ seed });
       hud.set("seed", seed);
@@ -111,14 +109,12 @@ const controls = new Controls(document.querySelector(".panel"), {
     gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
   },
   pause() {
-    connection.send(protocol.pause());
-    gameSend(protocol.pause());
+    connection.send(protocol.pause()); // the game needs none: it steps only when a model frame arrives
     state.paused = true;
     note();
   },
   resume() {
     connection.send(protocol.resume());
-    gameSend(protocol.resume());
     state.paused = false;
     note();
   },
@@ -163,9 +159,14 @@ const connection = new Connection({
     },
     welcome(welcome) {
       const fresh = !welcome.resumed && world.seed !== null; // a new world after the first: the game follows it
-      Object.assign(world, { seed: welcome.seed, prompt: welcome.prompt, fps: welcome.fps });
+      Object.assign(world, {
+        seed: welcome.seed,
+        prompt: welcome.prompt,
+        chunkFrames: welcome.chunk_frames,
+        resetFrom: null, // a new session: no frame of an older world arrives on this connection
+      });
       if (fresh) gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
-      if (state.compare) game.start(); // waited for this welcome (seed, prompt and fps)
+      if (state.compare) game.start(); // waited for this welcome (seed and prompt)
       Object.assign(state, {
         sessionId: welcome.session_id,
         sessions: state.sessions + 1,
@@ -195,6 +196,7 @@ const connection = new Connection({
       if (seq !== null) state.lastSeqSent = seq;
     },
     frame(frame) {
+      stepGame(frame);
       state.framesReceived += 1;
       state.frameIndex = frame.index;
       state.attention = frame.attention;
@@ -222,7 +224,9 @@ const connection = new Connection({
 
 // ---- Compare with the game: a second session, `world: "game"`, played with the same input
 
-const world = { seed: null, prompt: "", fps: undefined }; // the model session's world, which the game copies
+// the model session's world, which the game copies; `resetFrom`: the model's frame index when the page last asked for
+// a reset (null: none pending), so that frames of the old world, still on their way, do not step the new game
+const world = { seed: null, prompt: "", chunkFrames: 1, resetFrom: null };
 const GAME = "game: "; // the banner's prefix for what the game connection says
 let gameAsked = {}; // the seed and prompt of the game's last hello
 const stage = $("stage");
@@ -242,9 +246,9 @@ const game = new Connection({
     gameAsked = { seed: world.seed, prompt: world.prompt };
     return {
       world: "game",
+      mode: "lockstep", // one step per model frame, under the input that frame applied
       prompt: world.prompt,
       seed: world.seed ?? undefined,
-      fps: world.fps,
       token: sessionStorage.getItem(TOKEN_KEY) ?? undefined,
     };
   },
@@ -265,9 +269,6 @@ const game = new Connection({
       if (welcome.seed !== world.seed || (!welcome.resumed && gameAsked.prompt !== world.prompt)) {
         game.send(protocol.reset({ seed: world.seed, prompt: world.prompt })); // the model's world moved on meanwhile
       }
-      if (state.paused !== welcome.paused) game.send(state.paused ? protocol.pause() : protocol.resume());
-      const seq = game.sendAction(input.current(), false); // what is held now
-      if (seq !== null) state.game.lastSeqSent = seq;
     },
     frame(frame) {
       state.game.framesReceived += 1;
@@ -287,6 +288,20 @@ const game = new Connection({
 
 function gameSend(message) {
   if (state.compare) game.send(message);
+}
+
+/** The game takes the step the model frame took: the same input, once per model chunk. */
+function stepGame(frame) {
+  if (world.resetFrom !== null) {
+    if (frame.index > world.resetFrom) return; // the old world's
+    world.resetFrom = null; // the index restarted: the new world's first frame
+  }
+  if (!state.compare || frame.index % world.chunkFrames !== 0) return;
+  const { keys, dx, dy, buttons } = frame.input;
+  // a step carries at most 32 keys and |dx|, |dy| <= 1e4 (protocol.md); taps and motion between frames may add up to more
+  const clamp = (v) => Math.max(-1e4, Math.min(1e4, v));
+  const seq = game.sendStep({ keys: keys.slice(0, 32), dx: clamp(dx), dy: clamp(dy), buttons });
+  if (seq !== null) state.game.lastSeqSent = seq;
 }
 
 function setCompare(on) {

@@ -93,6 +93,14 @@ export class Connection {
     return this.seq;
   }
 
+  /** Lockstep: one step under `input` ({keys, dx, dy, buttons}); returns the seq sent, or null when not connected. */
+  sendStep(input) {
+    if (!this.open) return null;
+    this.seq += 1;
+    this.send(protocol.step(this.seq, performance.now(), input));
+    return this.seq;
+  }
+
   /** The time (performance.now() ms) an action of this connection was sent, given a frame's echoed seq and t. */
   sentTime(seq, t) {
     const sent = this.sentAt.get(seq);

@@ -133,7 +133,7 @@ export function action(seq, t, { keys = [], dx = 0, dy = 0, buttons = 0 } = {}) 
   return { type: "action", seq, t, keys, dx, dy, buttons };
 }
 
-/** Lockstep only (the page plays realtime): one chunk under one input. */
+/** Lockstep only: one chunk under one input (the page's game session under "Compare with the game"). */
 export function step(seq, t, { keys = [], dx = 0, dy = 0, buttons = 0 } = {}) {
   return { type: "step", seq, t, action: { keys, dx, dy, buttons } };
 }

@@ -304,7 +304,7 @@ async def test_controls_reach_the_server_and_a_clip_downloads(tiny_config_file: 
 
 
 @browser_test
-async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
+async def test_compare_with_the_game_steps_the_game_with_each_model_frames_input(
     tiny_config_file: Path, applied_keys: list[frozenset[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     game_keys: list[frozenset[str]] = []
@@ -325,8 +325,7 @@ async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
         await until(page, "s.game.connection === 'open' && s.game.framesShown >= 2 && hud('game_frame') !== ''")
         assert len(set(await canvas_pixels(page, "game-screen"))) > 1, "the game's canvas is blank"
         (game,) = [s for s in server.state.manager.sessions.values() if s.attention == "game"]
-        assert (game.seed, game.prompt, game.fps) == (model.seed, model.prompt, model.fps)
-        assert (game.seed, game.prompt) == (5, "an icy cave")
+        assert game.mode == "lockstep" and (game.seed, game.prompt) == (model.seed, model.prompt) == (5, "an icy cave")
         assert await page.get_attribute("#game-screen", "data-frame-width") == "16"
 
         model_first, game_first = await hud_number(page, "frame"), await hud_number(page, "game_frame")
@@ -339,7 +338,11 @@ async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
             [model_first, game_first],
         )
         await page.keyboard.up("KeyW")
-        assert (await state(page))["game"]["lastSeqSent"] >= 2  # its own seq: the input on connecting, then W
+        assert (await state(page))["game"]["lastSeqSent"] >= 2  # its own seq: one step per model frame
+        await page.click("#pause")
+        # once the steps in flight are done, the game's steps applied the inputs of the model's latest frames
+        await eventually(lambda: game_keys and game_keys == applied_keys[-len(game_keys) :])
+        await page.click("#pause")  # resume
 
         await page.fill("#seed", "9")
         await page.click("#reset")  # reset applies to both
@@ -348,9 +351,11 @@ async def test_compare_with_the_game_plays_the_same_input_in_a_game_session(
         await page.press("#prompt", "Enter")  # so does a new prompt
         await eventually(lambda: model.prompt == game.prompt == "a red room")
         await page.click("#pause")
-        await eventually(lambda: model.paused and game.paused)
+        await eventually(lambda: model.paused and not game.paused)  # the game steps only when a model frame arrives
+        # both began the new world at the game's start view and stepped together: frame for frame, the same index
+        await until(page, "s.frameIndex >= 9 && s.game.frameIndex === s.frameIndex")
         await page.click("#pause")
-        await eventually(lambda: not model.paused and not game.paused)
+        await eventually(lambda: not model.paused)
 
         await page.uncheck("#compare")  # closes with 1000: the game session ends at once
         await eventually(lambda: list(server.state.manager.sessions.values()) == [model])

@@ -138,6 +138,7 @@ def test_server_messages_are_what_the_client_reads() -> None:
             timings=s.Timings(queue_ms=0.5, step_ms=20.0, encode_ms=0.3),
             cache=s.CacheInfo(slots=64, bytes=1024),
             dropped=2,
+            input=s.AppliedInput(keys=["KeyW", "ShiftLeft"], dx=-2.5, dy=0.0, buttons=0),
             jpeg=b"\xff\xd8\xff\xd9",
         ),
         s.Pong(t=1.5, server_time=1.7e9),

@@ -155,3 +155,27 @@ async def test_init_frame_starts_the_world_from_a_picture(tiny_engine, tiny_conf
         assert "16x16" in error.message
         await client.send(type="step", seq=1)
         assert (await client.frames(1))[0].index == 2  # the session went on
+
+
+async def test_frames_report_the_input_they_applied(tiny_engine, tiny_config_file: Path) -> None:
+    async with run_server(tiny_engine, tiny_config_file) as server:
+        async with server.connect() as client:  # lockstep: the step's input, buttons as bits
+            await client.hello(mode="lockstep", seed=0)
+            await client.send(type="step", seq=0, action={"keys": ["KeyW", "KeyA"], "dx": 3.0, "buttons": 1})
+            [frame] = await client.frames(1)
+            assert frame.input.model_dump() == {"keys": ["KeyA", "KeyW"], "dx": 3.0, "dy": 0.0, "buttons": 1}
+        async with server.connect() as client:  # realtime: what one frame took of the input since the last
+            await client.hello(mode="realtime", fps=50, seed=0)
+            await client.frames(1)
+            await client.send(type="pause")
+            await client.send(type="ping", t=0.0)
+            await client.recv_until("pong")
+            await client.send(type="action", seq=1, t=0.0, keys=["KeyW"], dx=2.0)
+            await client.send(type="action", seq=2, t=0.0, keys=[], dx=3.0, dy=-1.0)  # W tapped, motion adds up
+            await client.send(type="resume")
+            frame = await client.recv_until("frame")
+            while frame.seq != 2:  # a frame made before the pause took effect
+                frame = await client.recv_until("frame")
+            assert frame.input.model_dump() == {"keys": ["KeyW"], "dx": 5.0, "dy": -1.0, "buttons": 0}
+            [after] = await client.frames(1)
+            assert after.input.model_dump() == {"keys": [], "dx": 0.0, "dy": 0.0, "buttons": 0}

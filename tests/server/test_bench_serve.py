@@ -9,7 +9,7 @@ import pytest
 
 from server.bench_serve import PlayerRecord, Window, run_serve_benchmark, summarise
 from server.cli import build_parser, main
-from server.protocol import CacheInfo, Frame, Timings
+from server.protocol import AppliedInput, CacheInfo, Frame, Timings
 from tests.conftest import write_config
 
 REQUIRED = {
@@ -60,7 +60,7 @@ def test_latency_counts_the_first_frame_of_each_seq_in_the_window() -> None:
         timings = Timings(queue_ms=1.0, step_ms=2.0, encode_ms=0.5)
         return Frame(
             index=0, seq=seq, t=t, attention="dense", timings=timings, cache=CacheInfo(slots=1, bytes=1),
-            dropped=dropped, jpeg=b"",
+            dropped=dropped, input=AppliedInput(keys=[], dx=0.0, dy=0.0, buttons=0), jpeg=b"",
         )  # fmt: skip
 
     record.on_frame(frame(None, None), 9.0, window)  # before any input, in the warm-up

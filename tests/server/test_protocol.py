@@ -75,6 +75,7 @@ SERVER_EXAMPLES = [
         timings=p.Timings(queue_ms=1.0, step_ms=20.0, encode_ms=0.1),
         cache=p.CacheInfo(slots=96, bytes=1 << 20),
         dropped=0,
+        input=p.AppliedInput(keys=["KeyW"], dx=3.0, dy=0.0, buttons=1),
         jpeg=b"\xff\xd8\xff",
     ),
     p.Pong(t=1.0, server_time=2.0),
