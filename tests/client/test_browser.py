@@ -452,15 +452,12 @@ async def test_screenshots_at_1280x720_and_phone_size_without_overlaps(tmp_path:
             # Compare with the game: the game's view beside the model's (below it on the phone), still no overlaps.
             await page.check("#compare")
             await until(page, "s.game.framesShown >= 3 && hud('game_frame') !== ''", timeout_s=60)
-            # Reset puts both in a new world of seed 7: both begin at the game's start view, at the same index
+            # Reset puts both in a new world of seed 7: both begin at the game's start view, and the game takes a
+            # step per model frame, so once the game has answered the model's latest frame both show one index
             before = await hud_number(page, "frame")
             await page.click("#reset")
-            await until(
-                page,
-                "Number(hud('frame')) >= 10 && Number(hud('frame')) < arg && Number(hud('game_frame')) >= 10",
-                before,
-                timeout_s=60,
-            )
+            await until(page, "Number(hud('frame')) < arg", before, timeout_s=60)  # the new world's frames
+            await until(page, "Number(hud('frame')) >= 10 && hud('game_frame') === hud('frame')", timeout_s=60)
             assert len(set(await canvas_pixels(page, "game-screen"))) > 1, "the game's canvas is blank"
             overlaps = await page.evaluate(OVERLAPS)
             assert overlaps == [], f"{name} comparing: overlapping or cut-off elements {overlaps}"
