@@ -49,7 +49,8 @@ class ServerState:
     engines: dict[str, WorldEngine | GameWorlds]  # attention configuration -> engine, and "game" -> the game
     default_attention: str
     metrics: Metrics
-    worker: EngineWorker
+    worker: EngineWorker  # the model's
+    game_worker: EngineWorker  # the reference game's sessions (server/engine_worker.py)
     encoder: FrameEncoder
     manager: SessionManager
     ready: bool = False
@@ -109,7 +110,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
         worker.start()
         started = time.monotonic()
 
-        def load() -> tuple[dict[str, WorldEngine], str]:
+        def load() -> tuple[dict[str, WorldEngine], str, GameWorlds]:
             # On the engine thread, like every torch call: a second thread running CPU ops would bring a second
             # OpenMP pool, and two pools on few cores made each step about twice as slow (measured, docs/server.md).
             base = engine if engine is not None else build_engine(settings)
@@ -117,18 +118,21 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             warm_up(engines, settings.warmup_steps)
             model = base.config.model
             game = GameWorlds(model.frame_height, model.frame_width, model.chunk_frames, settings.game_start_frames)
-            return {**engines, GAME: game}, default
+            return engines, default, game
 
         try:
-            engines, default = await asyncio.wrap_future(worker.call(load))
+            engines, default, game = await asyncio.wrap_future(worker.call(load))
         except BaseException:
             worker.stop()
             raise
         base = engines[default]
         worker.engines = engines
+        game_worker = EngineWorker(metrics, on_chunk, on_failure, name="game-worker")
+        game_worker.engines = {GAME: game}
+        game_worker.start()
         encoder = FrameEncoder(settings.encode_threads, settings.jpeg_quality)
-        manager = SessionManager(settings, worker, encoder, metrics, default)
-        state = ServerState(settings, engines, default, metrics, worker, encoder, manager)
+        manager = SessionManager(settings, worker, game_worker, encoder, metrics, default)
+        state = ServerState(settings, {**engines, GAME: game}, default, metrics, worker, game_worker, encoder, manager)
         app.state.server = state
         state.ready = True
         log.info(
@@ -147,15 +151,17 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             await manager.drain()
             reaper.cancel()
             worker.stop()
+            game_worker.stop()
             encoder.close()
 
     app = FastAPI(title="worldserve", version="0.1.0", lifespan=lifespan)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        worker = request.app.state.server.worker
-        age = time.monotonic() - worker.heartbeat
-        ok = worker.alive and age < HEARTBEAT_STALE_S
+        state: ServerState = request.app.state.server
+        workers = (state.worker, state.game_worker)
+        age = time.monotonic() - min(worker.heartbeat for worker in workers)
+        ok = all(worker.alive for worker in workers) and age < HEARTBEAT_STALE_S
         body = {"status": "ok" if ok else "stalled", "engine_heartbeat_age_s": round(age, 3)}
         return JSONResponse(body, status_code=200 if ok else 503)
 

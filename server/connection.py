@@ -260,14 +260,14 @@ class Connection:
                     raise ProtocolError(
                         ErrorCode.TOO_MANY_STEPS, f"{limit} steps are already waiting; this one is dropped"
                     )
-                self.manager.worker.wake()
+                self.manager.wake(session)
             case Ping():
                 self._send(Pong(t=message.t, server_time=time.time()))
             case Pause():
                 session.set_paused(True)
             case Resume():
                 session.set_paused(False)
-                self.manager.worker.wake()
+                self.manager.wake(session)
             case SetPrompt():
                 await self.manager.set_prompt(session, message.prompt)
             case SetAttention():

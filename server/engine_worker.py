@@ -5,6 +5,11 @@ that is due (realtime sessions at their frame rate, lockstep sessions with a ste
 of each attention configuration in one batched `WorldEngine.step` call, and (4) hands each session its `Chunk`
 through `on_chunk`, which the app makes thread-safe. It never waits on a socket, so a client that stops reading
 cannot slow anyone else down.
+
+The server runs a second worker, on a thread of its own, for the sessions of the reference game (`GameWorlds`, pure
+numpy, no torch): a game step takes well under a millisecond, and on the model's worker a lockstep game session
+would wait for model steps of hundreds of milliseconds on a CPU, then for its previous frame to be sent, and so take
+one step every second tick.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ class EngineWorker:
         metrics: Metrics,
         on_chunk: Callable[[Session, Chunk], None],
         on_failure: Callable[[Session, str], None],
+        name: str = "engine-worker",
     ) -> None:
-        # attention configuration name -> engine, all sharing one model, plus "game" -> the reference game; built
-        # by a job on this thread, then set
+        # attention configuration name -> engine, all sharing one model (built by a job on this thread, then set);
+        # or, in the server's second worker, "game" -> the reference game
         self.engines: dict[str, WorldEngine | GameWorlds] = {}
         self._metrics = metrics
         self._on_chunk = on_chunk
@@ -46,7 +52,7 @@ class EngineWorker:
         self._jobs: SimpleQueue[tuple[Callable[[], Any], Future]] = SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.heartbeat = time.monotonic()  # refreshed every tick; /healthz reads it
 
     def start(self) -> None:

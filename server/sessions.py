@@ -52,16 +52,18 @@ class SessionManager:
         self,
         settings: ServerSettings,
         worker: EngineWorker,
+        game_worker: EngineWorker,
         encoder: FrameEncoder,
         metrics: Metrics,
         default_attention: str,
     ) -> None:
         self.settings = settings
-        self.worker = worker
+        self.worker = worker  # the model's engines
+        self.game_worker = game_worker  # the reference game's sessions
         self.encoder = encoder
         self.metrics = metrics
         self.default_attention = default_attention
-        self.attention_choices = [name for name in worker.engines if name != GAME]
+        self.attention_choices = list(worker.engines)
         self.admitting = True
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
@@ -109,7 +111,7 @@ class SessionManager:
         if not self.admitting:  # the drain ran while this world was being made
             self.end(session, None, "the server is shutting down")
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        self.worker.add(session)
+        self.worker_for(session.attention).add(session)
         self.metrics.sessions_admitted.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         log.info(
@@ -144,7 +146,7 @@ class SessionManager:
         seed = hello.seed if hello.seed is not None else secrets.randbelow(2**31)
         init = await self._init_frames(hello.init_frame, fatal=True)
         world = await asyncio.wrap_future(
-            self.worker.call(lambda: self._make_world(attention, hello.prompt, seed, init))
+            self.worker_for(attention).call(lambda: self._make_world(attention, hello.prompt, seed, init))
         )
         fps = min(hello.fps or self.settings.default_fps, self.settings.max_fps)
         return Session(
@@ -187,7 +189,7 @@ class SessionManager:
         self._connections[session] = connection
         session.last_message_at = time.monotonic()
         session.set_connected(True)
-        self.worker.wake()
+        self.wake(session)
         self.metrics.sessions_resumed.inc()
         log.info("session resumed", extra={"session": session.id})
         return session
@@ -258,26 +260,36 @@ class SessionManager:
         def make() -> None:  # on the engine thread, between two steps
             session.replace_world(self._make_world(attention, prompt, seed, init), attention, prompt, seed)
 
-        await asyncio.wrap_future(self.worker.call(make))
+        await asyncio.wrap_future(self.worker_for(attention).call(make))
         session.outbox.clear()
         session.recent_frames.clear()
 
+    def worker_for(self, attention: str) -> EngineWorker:
+        """The worker that steps sessions of this attention configuration (or of the game)."""
+        return self.game_worker if attention == GAME else self.worker
+
+    def wake(self, session: Session) -> None:
+        """A session has work (a step, a resume): its worker looks at once."""
+        self.worker_for(session.attention).wake()
+
     def _make_world(self, attention: str, prompt: str, seed: int, init: np.ndarray | None) -> World | GameWorld:
-        """On the engine thread: a new world. A model world given no frames begins with the game's start view of
-        its seed and prompt (`game_start_frames`), where a game session of the same seed begins."""
-        game: GameWorlds = self.worker.engines[GAME]
+        """On the session's worker thread: a new world. A model world given no frames begins with the game's start
+        view of its seed and prompt (`game_start_frames`), where a game session of the same seed begins (the game
+        renders it here: `start_view` reads no state of the game's worker)."""
+        game: GameWorlds = self.game_worker.engines[GAME]
         if init is None and attention != GAME and game.start_frames:
             init = game.start_view(prompt, seed)
-        return self.worker.engines[attention].new_world(prompt, seed, init)
+        return self.worker_for(attention).engines[attention].new_world(prompt, seed, init)
 
     async def set_prompt(self, session: Session, prompt: str) -> None:
-        engine = self.worker.engines[session.attention]
+        worker = self.worker_for(session.attention)
+        engine = worker.engines[session.attention]
 
         def change() -> None:
             engine.set_prompt(session.world, prompt)
             session.prompt = prompt
 
-        await asyncio.wrap_future(self.worker.call(change))
+        await asyncio.wrap_future(worker.call(change))
 
     # ---- frames (engine thread -> event loop -> outbox)
 
@@ -338,7 +350,7 @@ class SessionManager:
             self.metrics.input_to_frame_seconds.observe(latency)
         if chunk.lockstep:
             session.delivered()
-            self.worker.wake()
+            self.wake(session)
 
     def unsent(self, session: Session, chunk: Chunk) -> None:
         """Connection: `chunk` could not be sent. A lockstep chunk waits for the next connection."""
@@ -369,7 +381,7 @@ class SessionManager:
             return
         with session.lock:
             session.closed = True
-        self.worker.remove(session)
+        self.worker_for(session.attention).remove(session)
         connection = self._connections.pop(session, None)
         if connection is not None and code is not None:
             connection.close(code, reason)
@@ -379,7 +391,7 @@ class SessionManager:
         session.recent_frames.clear()
         # the world (and its KV cache) is freed by dropping the last reference, on the engine thread's terms:
         # the worker holds none once the session is removed
-        self.worker.call(lambda: setattr(session, "world", None))
+        self.worker_for(session.attention).call(lambda: setattr(session, "world", None))
         self.metrics.sessions_active.set(len(self.sessions))
         log.info(
             "session end",

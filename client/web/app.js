@@ -164,6 +164,7 @@ const connection = new Connection({
         prompt: welcome.prompt,
         chunkFrames: welcome.chunk_frames,
         resetFrom: null, // a new session: no frame of an older world arrives on this connection
+        lastIndex: null,
       });
       if (fresh) gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
       if (state.compare) game.start(); // waited for this welcome (seed and prompt)
@@ -222,11 +223,12 @@ const connection = new Connection({
   },
 });
 
-// ---- Compare with the game: a second session, `world: "game"`, played with the same input
+// ---- Compare with the game: a second session, `world: "game"`, stepped with each model frame's input
 
-// the model session's world, which the game copies; `resetFrom`: the model's frame index when the page last asked for
-// a reset (null: none pending), so that frames of the old world, still on their way, do not step the new game
-const world = { seed: null, prompt: "", chunkFrames: 1, resetFrom: null };
+// The model session's world, which the game copies. `resetFrom`: the model's frame index when the page last asked
+// for a reset (null: none pending), so that frames of the old world, still on their way, do not step the new game;
+// `lastIndex`: the index of the model's last frame, whose gaps are frames the server dropped.
+const world = { seed: null, prompt: "", chunkFrames: 1, resetFrom: null, lastIndex: null };
 const GAME = "game: "; // the banner's prefix for what the game connection says
 let gameAsked = {}; // the seed and prompt of the game's last hello
 const stage = $("stage");
@@ -292,16 +294,24 @@ function gameSend(message) {
 
 /** The game takes the step the model frame took: the same input, once per model chunk. */
 function stepGame(frame) {
+  const last = world.lastIndex;
+  world.lastIndex = frame.index;
   if (world.resetFrom !== null) {
     if (frame.index > world.resetFrom) return; // the old world's
     world.resetFrom = null; // the index restarted: the new world's first frame
   }
   if (!state.compare || frame.index % world.chunkFrames !== 0) return;
+  // chunks the server dropped before sending (a slow connection) left a gap in the indices: the game takes their
+  // steps too, under this frame's input (theirs never arrived), so that both stay at the same index
+  const missed = last !== null && frame.index > last ? Math.floor((frame.index - last - 1) / world.chunkFrames) : 0;
   const { keys, dx, dy, buttons } = frame.input;
   // a step carries at most 32 keys and |dx|, |dy| <= 1e4 (protocol.md); taps and motion between frames may add up to more
   const clamp = (v) => Math.max(-1e4, Math.min(1e4, v));
-  const seq = game.sendStep({ keys: keys.slice(0, 32), dx: clamp(dx), dy: clamp(dy), buttons });
-  if (seq !== null) state.game.lastSeqSent = seq;
+  const action = { keys: keys.slice(0, 32), dx: clamp(dx), dy: clamp(dy), buttons };
+  for (let i = 0; i <= missed; i++) {
+    const seq = game.sendStep(action);
+    if (seq !== null) state.game.lastSeqSent = seq;
+  }
 }
 
 function setCompare(on) {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +136,31 @@ def test_game_start_frames_must_fit_the_chunks() -> None:
     with pytest.raises(ValueError, match="game_start_frames"):
         ServerSettings(game_start_frames=-1)
     assert GameWorlds(16, 16, chunk_frames=2, start_frames=4).start_view("icy cave", 3).shape == (4, 16, 16, 3)
+
+
+async def test_game_sessions_do_not_wait_for_the_model(
+    tiny_engine, tiny_config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The game's sessions have a worker of their own: with the model's worker held inside a step, a lockstep game
+    session still gets every frame."""
+    entered, release = threading.Event(), threading.Event()
+    step = WorldEngine.step
+
+    def held_step(self: WorldEngine, worlds, actions):
+        entered.set()
+        release.wait(30)
+        return step(self, worlds, actions)
+
+    async with run_server(tiny_engine, tiny_config_file) as server:
+        monkeypatch.setattr(WorldEngine, "step", held_step)  # after the warm-up
+        try:
+            async with server.connect() as model, server.connect() as game:
+                await model.hello(mode="realtime", fps=20)
+                assert await asyncio.to_thread(entered.wait, 10), "the model's worker never stepped"
+                await game.hello(mode="lockstep", world="game", seed=3, prompt="icy cave")
+                for seq, keys in enumerate(KEYS):
+                    await game.send(type="step", seq=seq, action={"keys": keys})
+                    [frame] = await game.frames(1, timeout=5)
+                    assert frame.index == START_FRAMES + seq
+        finally:
+            release.set()
