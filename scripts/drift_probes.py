@@ -164,8 +164,8 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
 
     game_stats = statistics(game.frames)
     rows, report = [game.frames], {}
+    height, width = base.config.model.frame_height, base.config.model.frame_width
     for name, context in STARTS.items():
-        height, width = base.config.model.frame_height, base.config.model.frame_width
         begin = start_view(game.seed, game.prompt, START_FRAMES, height, width) if name == VIEW else None
         world = base.new_world(game.prompt, seed=0, init_frames=begin)
         if context:

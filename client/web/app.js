@@ -164,7 +164,6 @@ const connection = new Connection({
         prompt: welcome.prompt,
         chunkFrames: welcome.chunk_frames,
         resetFrom: null, // a new session: no frame of an older world arrives on this connection
-        lastIndex: null,
       });
       if (fresh) gameSend(protocol.reset({ seed: world.seed, prompt: world.prompt }));
       if (state.compare) game.start(); // waited for this welcome (seed and prompt)
@@ -226,9 +225,8 @@ const connection = new Connection({
 // ---- Compare with the game: a second session, `world: "game"`, stepped with each model frame's input
 
 // The model session's world, which the game copies. `resetFrom`: the model's frame index when the page last asked
-// for a reset (null: none pending), so that frames of the old world, still on their way, do not step the new game;
-// `lastIndex`: the index of the model's last frame, whose gaps are frames the server dropped.
-const world = { seed: null, prompt: "", chunkFrames: 1, resetFrom: null, lastIndex: null };
+// for a reset (null: none pending), so that frames of the old world, still on their way, do not step the new game.
+const world = { seed: null, prompt: "", chunkFrames: 1, resetFrom: null };
 const GAME = "game: "; // the banner's prefix for what the game connection says
 let gameAsked = {}; // the seed and prompt of the game's last hello
 const stage = $("stage");
@@ -292,10 +290,10 @@ function gameSend(message) {
   if (state.compare) game.send(message);
 }
 
-/** The game takes the step the model frame took: the same input, once per model chunk. */
+/** The game takes the step the model frame took: the same input, once per model chunk. Called before
+ * `state.frameIndex` takes this frame's index, so that it still holds the last frame's (null after a welcome). */
 function stepGame(frame) {
-  const last = world.lastIndex;
-  world.lastIndex = frame.index;
+  const last = state.frameIndex;
   if (world.resetFrom !== null) {
     if (frame.index > world.resetFrom) return; // the old world's
     world.resetFrom = null; // the index restarted: the new world's first frame
