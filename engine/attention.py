@@ -117,12 +117,14 @@ class StepSlots:
 
 
 class CachedAttention:
-    """One pass over B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
+    """One forward over B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
 
-    With `write=True` (the commit pass) each layer's current keys/values are handed to the policy after the layer
-    has attended, so the chunk never sees itself twice. With `write=False` (denoising) the caches are only read.
-    `sparse` (None: dense everywhere) decides per layer and denoising `step` whether AnnSA / AnnCA run. `shared`
-    carries the rotated slots from one pass of the step to the next.
+    The forward's batch holds `passes` rows per world, pass-major (row p B + b is pass p of world b): the guidance
+    passes of one denoising step differ only in the current chunk's conditioning, so they run as one batch and
+    read the same rotated slots. With `write=True` (the commit pass, one pass) each layer's current keys/values are
+    handed to the policy after the layer has attended, so the chunk never sees itself twice. With `write=False`
+    (denoising) the caches are only read. `sparse` (None: dense everywhere) decides per layer and denoising `step`
+    whether AnnSA / AnnCA run. `shared` carries the rotated slots from one forward of the step to the next.
     """
 
     def __init__(
@@ -136,7 +138,10 @@ class CachedAttention:
         shared: StepSlots,
         sparse: SparseAttention | None = None,
         step: int = 0,
+        passes: int = 1,
     ) -> None:
+        if passes < 1 or (write and passes != 1):
+            raise ValueError(f"a forward holds one or more passes and a commit exactly one, got {passes}")
         self.rope = rope
         self.policy = policy
         self.caches = caches
@@ -146,6 +151,7 @@ class CachedAttention:
         self.shared = shared
         self.sparse = sparse
         self.step = step
+        self.passes = passes
 
     def _slots(self, world: int, layer: int, n: int) -> RotatedSlots:
         slots = self.shared.get(world, layer)
@@ -162,23 +168,27 @@ class CachedAttention:
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
-        n = k.shape[1]
+        n, worlds = k.shape[1], len(self.caches)
+        # queries and keys of every row rotated at once: (P B, N, 2 h, d), each row at its world's positions
+        rotated = self.rope.rotate(torch.cat((q, k), dim=2), self.pos.repeat(self.passes, 1, 1))
+        q_rot, k_rot = rotated.chunk(2, dim=2)
         outs = []
-        for b, cache in enumerate(self.caches):
+        for row in range(q.shape[0]):
+            b = row % worlds
             slots = self._slots(b, layer, n)
-            q_rot, k_rot = self.rope.rotate(q[b], self.pos[b]), self.rope.rotate(k[b], self.pos[b])  # (N, h, d)
             if sparse is None:
-                slots.key[slots.slots :], slots.value[slots.slots :] = k_rot, v[b]
-                outs.append(attend(q_rot, slots.key, slots.value, slots.bias))
+                # the chunk's rows of the shared buffer are rewritten by each row before it attends
+                slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
+                outs.append(attend(q_rot[row], slots.key, slots.value, slots.bias))
             else:
                 if slots.sorted is None:
                     s = slots.slots
                     bias = None if slots.bias is None else slots.bias[:s]
                     slots.sorted = sparse.sort_slots(slots.key[:s], slots.value[:s], bias, slots.sinks, current=n)
-                outs.append(sparse.self_attention(layer, q_rot, k_rot, v[b], slots.sorted))
+                outs.append(sparse.self_attention(layer, q_rot[row], k_rot[row], v[row], slots.sorted))
             if self.write:
-                self.policy.commit(cache.layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
-        return torch.stack(outs)  # (B, N, h, d)
+                self.policy.commit(self.caches[b].layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
+        return torch.stack(outs)  # (P B, N, h, d)
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -140,14 +140,14 @@ class SamplerConfig(_Section):
     guidance: float = Field(
         1.0,
         ge=1,
-        description="classifier-free guidance on the prompt: v = v_free + guidance (v_prompt - v_free), one more DiT "
-        "pass per denoising step; 1 = off (unitless)",
+        description="classifier-free guidance on the prompt: v = v_free + guidance (v_prompt - v_free), one more row "
+        "per world in each denoising step's DiT forward; 1 = off (unitless)",
     )
     action_guidance: float = Field(
         0.4,
         ge=0,
         description="guidance on the action against standing still: v += action_guidance (v(action) - v(idle)), "
-        "one more DiT pass per denoising step; 0 = off (unitless)",
+        "one more row per world in each denoising step's DiT forward; 0 = off (unitless)",
     )
     reencode: bool = Field(
         False,

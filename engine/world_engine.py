@@ -209,25 +209,30 @@ class WorldEngine:
         # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
         shared = StepSlots()
 
+        # the passes of a denoising step: the conditioned one, then those guidance compares it with. Every pass
+        # reads the same history (the cache); only the current chunk's conditioning differs, so they run as one
+        # batch of P B rows, pass-major
         guidance, action_guidance = self.sampler.guidance, self.sampler.action_guidance
-        free = PromptTokens.stack([self._free_prompt] * B) if guidance != 1.0 else None
-        idle = self._idle_actions.expand(B, -1, -1) if action_guidance else None
+        passes = [(prompt, encoded)]
+        if guidance != 1.0:  # classifier-free guidance: the model learned the prompt-free velocity (prompt dropout)
+            passes.append((PromptTokens.stack([self._free_prompt] * B), encoded))
+        if action_guidance:  # action guidance: standing still is the action's null; a world standing still is unchanged
+            passes.append((prompt, self._idle_actions.expand(B, -1, -1)))
+        P = len(passes)
+        given = PromptTokens.stack([p for p, _ in passes]) if P > 1 else prompt
+        acting = torch.cat([a for _, a in passes])  # (P B, T, A)
+        previous_rows = None if previous is None else previous.repeat(P, 1, 1, 1, 1)
 
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            def v(given: PromptTokens, acting: torch.Tensor) -> torch.Tensor:
-                attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step)
-                return self.model.dit(x, x.new_full((B, T), t), acting, given, attention, previous)
-
-            # every pass reads the same history (the cache); only the current chunk's conditioning differs
-            v_prompt = v(prompt, encoded)
-            guided = v_prompt
-            if free is not None:
-                # classifier-free guidance: the model learned the prompt-free velocity through prompt dropout
-                v_free = v(free, encoded)
+            attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step, passes=P)
+            rows = x.repeat(P, 1, 1, 1, 1)  # (P B, T, C, h, w)
+            v = self.model.dit(rows, x.new_full((P * B, T), t), acting, given, attention, previous_rows).chunk(P)
+            v_prompt, guided, rest = v[0], v[0], list(v[1:])
+            if guidance != 1.0:
+                v_free = rest.pop(0)
                 guided = v_free + guidance * (v_prompt - v_free)
-            if idle is not None:
-                # action guidance: standing still is the action's natural null; a world standing still is unchanged
-                guided = guided + action_guidance * (v_prompt - v(prompt, idle))
+            if action_guidance:
+                guided = guided + action_guidance * (v_prompt - rest.pop(0))
             return guided
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
@@ -275,10 +280,11 @@ class WorldEngine:
         shared: StepSlots,
         write: bool,
         step: int,
+        passes: int = 1,
     ) -> CachedAttention:
         caches = [w.cache for w in worlds]
         return CachedAttention(
-            self.model.dit.rope, self.policy, caches, pos, first_frames, write, shared, self.sparse, step
+            self.model.dit.rope, self.policy, caches, pos, first_frames, write, shared, self.sparse, step, passes
         )
 
     def _commit(

@@ -9,6 +9,7 @@ from engine import WorldModel
 from engine.attention import CachedAttention, StepSlots
 from engine.kv_cache import WorldCache
 from engine.policies import make_policy
+from engine.prompt import PromptTokens
 from tests.conftest import tiny_config
 
 TOLERANCE = 1e-5  # fp32, max absolute difference; outputs are O(1)
@@ -106,3 +107,36 @@ def test_each_frames_action_steers_its_frame() -> None:
     other = actions.clone()
     other[:, 1] = 0.0
     assert not torch.allclose(model.dit(x, t, actions, prompt)[:, 1], model.dit(x, t, other, prompt)[:, 1])
+
+
+@pytest.mark.parametrize("policy", ["dense", "tempcache"])
+@torch.no_grad()
+def test_passes_batched_in_one_forward_equal_one_forward_each(policy: str) -> None:
+    """Guidance runs its passes as rows of one forward over the same cache: each row is the pass run alone."""
+    model = WorldModel(tiny_config(cache={"policy": policy})).init_random_(seed=0).eval()
+    frames = 5
+    x, actions, prompt = _inputs(model, frames)
+    policy_, cache = _empty_cache(model)
+    for f in range(frames - 1):
+        _cached_pass(model, cache, policy_, x[:, f : f + 1], torch.zeros(1, 1), actions[:, f : f + 1], prompt, f, True)
+    dit, last = model.dit, frames - 1
+    pos = dit.positions(torch.tensor([last]), 1)
+    noisy, t = x[:, last:], torch.full((1, 1), 0.6)
+    idle = torch.zeros_like(actions[:, last:])
+    shared = StepSlots()
+    alone = [
+        dit(noisy, t, acting, prompt, CachedAttention(dit.rope, policy_, [cache], pos, [last], False, shared))
+        for acting in (actions[:, last:], idle)
+    ]
+    two = CachedAttention(dit.rope, policy_, [cache], pos, [last], False, shared, passes=2)
+    rows = dit(
+        noisy.repeat(2, 1, 1, 1, 1),
+        t.repeat(2, 1),
+        torch.cat((actions[:, last:], idle)),
+        PromptTokens.stack([prompt] * 2),
+        two,
+    )
+    torch.testing.assert_close(rows, torch.cat(alone), atol=TOLERANCE, rtol=0)
+    assert not torch.allclose(alone[0], alone[1]), "the two passes must differ for the check to mean anything"
+    with pytest.raises(ValueError, match="commit"):
+        CachedAttention(dit.rope, policy_, [cache], pos, [last], True, StepSlots(), passes=2)
