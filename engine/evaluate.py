@@ -285,12 +285,13 @@ def share_of_game(model: np.ndarray, game: np.ndarray) -> float:
 
 def stability_verdict(run: dict[str, Any]) -> str:
     """'ok', or 'OUT:' and what failed: each statistic that left the game's range, 'motion' when the rollout moved
-    less than STABILITY_MOTION of the game's frame change, 'detail' when it kept less than STABILITY_DETAIL of the
+    less than STABILITY_MOTION of the game's frame change, 'blur' when it kept less than STABILITY_DETAIL of the
     game's detail, 'layout' when its frames lay more than STABILITY_VIEW_DROP_DB further from the game's views than the
-    game's own (`view_drop`)."""
+    game's own (`view_drop`). The two shares have names of their own so that they never read as the statistics
+    'change' and 'detail' leaving their range."""
     failed = [name for name, ok in run["ok_by_statistic"].items() if not ok]
     failed += [] if run["motion"] >= STABILITY_MOTION else ["motion"]
-    failed += [] if run["detail"] >= STABILITY_DETAIL else ["detail"]
+    failed += [] if run["detail"] >= STABILITY_DETAIL else ["blur"]
     failed += [] if run["view_drop_db"] <= STABILITY_VIEW_DROP_DB else ["layout"]
     return f"OUT: {', '.join(failed)}" if failed else "ok"
 
