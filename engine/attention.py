@@ -151,7 +151,7 @@ class CachedAttention:
         self.shared = shared
         self.sparse = sparse
         self.step = step
-        self.passes = passes
+        self.row_pos = pos.repeat(passes, 1, 1)  # (P B, N, 3): each row at its world's positions
 
     def _slots(self, world: int, layer: int, n: int) -> RotatedSlots:
         slots = self.shared.get(world, layer)
@@ -169,8 +169,8 @@ class CachedAttention:
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
         n, worlds = k.shape[1], len(self.caches)
-        # queries and keys of every row rotated at once: (P B, N, 2 h, d), each row at its world's positions
-        rotated = self.rope.rotate(torch.cat((q, k), dim=2), self.pos.repeat(self.passes, 1, 1))
+        # queries and keys of every row rotated at once: (P B, N, 2 h, d)
+        rotated = self.rope.rotate(torch.cat((q, k), dim=2), self.row_pos)
         q_rot, k_rot = rotated.chunk(2, dim=2)
         outs = []
         for row in range(q.shape[0]):
