@@ -9,6 +9,11 @@ Phase 1, autoencoder: frames -> latents -> frames, MSE in [0, 1], with relative 
 the decoder tolerates the DiT's imperfect latents. At its end `latent_scale` is set to 1 / std of the latents,
 so the DiT sees roughly unit variance, and written into the run's config.
 
+Phase 1b, decoder (only when `decoder.steps` > 0; encoder frozen, so the latents, and a DiT trained on them, stay
+valid): the MSE plus `decoder.adversarial_weight` times the hinge loss of a patch discriminator
+(engine/discriminator.py) trained beside it, one step each per batch, so the decoder draws texture where the MSE
+alone draws its blurred mean.
+
 Phase 2, DiT (autoencoder and its latents frozen): rectified flow with noised-context teacher forcing. A sample is
 F = 1 + T frames of one episode: frame 0 (the start view, a sink frame as the cache policies keep it) and T
 consecutive frames from a random offset s >= 1 (s = 1: one contiguous clip from the start). The sequence holds two
@@ -32,12 +37,13 @@ dropped (replaced by "") for a `prompt_dropout` share of samples, so the model a
 and the prompt encoder train with AdamW; an exponential moving average of their weights is what is exported.
 
 A run folder holds `config.yaml` (the world config, with the trained latent_scale), `train.yaml`, `state.pt`
-(everything to resume: phase, step, weights, optimiser, EMA, RNG), `model.safetensors` (the latest exportable
-checkpoint: EMA weights) and `log.jsonl`. Running the same command again resumes; the stream of data and noise
-is a function of (seed, step), so a resumed run is the run that was not interrupted.
+(everything to resume: phase, step, weights, optimiser, EMA, discriminator, RNG), `model.safetensors` (the latest
+exportable checkpoint: EMA weights) and `log.jsonl`. Running the same command again resumes; the stream of data
+and noise is a function of (seed, step), so a resumed run is the run that was not interrupted.
 
 A run may also start from a trained checkpoint (`--init-from`), e.g. to train the shipped model's DiT longer on
-a new stream of episodes (`configs/train_finetune.yaml`: `autoencoder.steps: 0` skips phase 1, another `seed`).
+a new stream of episodes (`configs/train_finetune.yaml`: `autoencoder.steps: 0` skips phase 1, another `seed`), or
+to sharpen its decoder (`configs/train_decoder_adversarial.yaml`: only phase 1b).
 """
 
 from __future__ import annotations
@@ -65,11 +71,12 @@ from engine.attention import SequenceAttention
 from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
 from engine.config import ConfigError, WorldConfig, describe_validation_error, load_config, read_yaml_mapping
 from engine.dataset import EpisodeSpec, action_array, record, train_spec
+from engine.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
 from engine.model import WorldModel
 from engine.world_engine import resolve_device
 
 STATE_FORMAT = "worldserve-train-state/1"
-PHASES = ("autoencoder", "dit", "done")
+PHASES = ("autoencoder", "decoder", "dit", "done")
 
 
 class _Section(BaseModel):
@@ -89,6 +96,19 @@ class AutoencoderTraining(PhaseConfig):
     latent_noise: float = Field(
         0.1, ge=0, description="std of the noise added to latents before decoding, relative to their std (unitless)"
     )
+
+
+class DecoderTraining(PhaseConfig):
+    latent_noise: float = Field(
+        0.1, ge=0, description="std of the noise added to latents before decoding, relative to their std (unitless)"
+    )
+    adversarial_weight: float = Field(
+        0.01,
+        ge=0,
+        description="weight of the patch discriminator's hinge loss beside the MSE in [0, 1]: more draws sharper "
+        "texture and costs PSNR (unitless)",
+    )
+    discriminator_lr: float = Field(2e-4, gt=0, description="learning rate of the discriminator's AdamW (unitless)")
 
 
 class DiTTraining(PhaseConfig):
@@ -130,6 +150,10 @@ class TrainConfig(_Section):
         "process (right for a CPU run, whose cores train; a GPU run has cores to spare) (count)",
     )
     autoencoder: AutoencoderTraining
+    decoder: DecoderTraining = Field(
+        DecoderTraining(steps=0, batch=32, lr=1e-4),
+        description="the adversarial fine-tune of the decoder, encoder frozen (0 steps, the default: none)",
+    )
     dit: DiTTraining
 
 
@@ -396,15 +420,23 @@ def _previous_of(history: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return before
 
 
-def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator):
-    """MSE in [0, 1] of frames (B, H, W, 3) uint8 through encoder, relative latent noise and decoder."""
+def reconstruct(
+    model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (B, H, W, 3) uint8 through encoder, relative latent noise and decoder: (decoded, truth), both
+    float (B, 3, H, W) in [0, 1]."""
     ae = model.autoencoder
     latents = ae.encode(frames)  # (B, C, h, w)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     noisy = latents + latent_noise * latents.detach().std() * noise
-    decoded = ae.decode_float(noisy)  # (B, 3, H, W)
-    truth = frames.to(decoded.device).permute(0, 3, 1, 2).float() / 255.0
-    return F.mse_loss(decoded.float(), truth)
+    decoded = ae.decode_float(noisy).float()  # (B, 3, H, W)
+    return decoded, frames.to(decoded.device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: float, generator: torch.Generator):
+    """MSE in [0, 1] of frames (B, H, W, 3) uint8 through encoder, relative latent noise and decoder."""
+    decoded, truth = reconstruct(model, frames, latent_noise, generator)
+    return F.mse_loss(decoded, truth)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------
@@ -418,7 +450,7 @@ def learning_rate(phase: PhaseConfig, step: int) -> float:
 
 
 class TrainingRun:
-    """One run folder (module docstring): `run()` trains until both phases are done, `max_minutes` have passed
+    """One run folder (module docstring): `run()` trains until its phases are done, `max_minutes` have passed
     since it was called, it has taken `max_steps` optimiser steps, or SIGTERM arrives; it saves before returning."""
 
     def __init__(
@@ -449,8 +481,15 @@ class TrainingRun:
         self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.generator = torch.Generator().manual_seed(self.train.seed)
-        self.phase, self.step, self.elapsed = "autoencoder", 0, 0.0
-        self.optimizer = self._optimizer()
+        with torch.random.fork_rng(devices=[]):  # leaves the global random state as it was without it
+            torch.manual_seed(self.train.seed + 1)
+            self.discriminator = PatchDiscriminator().to(self.device)
+        self.discriminator_optimizer = torch.optim.AdamW(
+            self.discriminator.parameters(), lr=self.train.decoder.discriminator_lr, betas=(0.5, 0.9)
+        )
+        self._phase_log: dict[str, torch.Tensor] = {}  # what the phase's loss adds to each log line
+        self.step, self.elapsed = 0, 0.0
+        self._enter("autoencoder")
         self.pool: EpisodePool | None = None
         self._stop = False
         if (self.out / "state.pt").exists():
@@ -483,13 +522,14 @@ class TrainingRun:
 
     def _start(self, init_from: Path | None) -> None:
         """A new run: from random weights, or from a trained checkpoint's (its latent_scale included). A phase of
-        0 steps is skipped, so `autoencoder.steps: 0` fine-tunes the DiT of `init_from` on fresh episodes."""
+        0 steps is skipped, so `autoencoder.steps: 0` fine-tunes the decoder (adversarially) or the DiT of
+        `init_from` on fresh episodes."""
         if self.train.autoencoder.steps == 0:
             if init_from is None:
-                raise ConfigError("autoencoder.steps is 0: the DiT needs a trained autoencoder; pass --init-from")
-            self.model.autoencoder.requires_grad_(False)
-            self.phase = "dit"
-            self.optimizer = self._optimizer()
+                raise ConfigError(
+                    "autoencoder.steps is 0: the decoder and the DiT need a trained autoencoder; pass --init-from"
+                )
+            self._enter(self._following("autoencoder"))
         if init_from is not None:
             try:
                 self._set_latent_scale(read_model_config(init_from).autoencoder.latent_scale)
@@ -503,10 +543,26 @@ class TrainingRun:
     def _trainable(self) -> list[torch.nn.Parameter]:
         if self.phase == "autoencoder":
             return list(self.model.autoencoder.parameters())
+        if self.phase == "decoder":
+            return list(self.model.autoencoder.decoder.parameters())
         return [*self.model.dit.parameters(), *self.model.prompt_encoder.parameters()]
 
-    def _phase_config(self) -> PhaseConfig:
-        return self.train.autoencoder if self.phase == "autoencoder" else self.train.dit
+    def _phase_config(self, phase: str | None = None) -> PhaseConfig:
+        phase = phase or self.phase
+        return {"autoencoder": self.train.autoencoder, "decoder": self.train.decoder}.get(phase, self.train.dit)
+
+    def _following(self, phase: str) -> str:
+        """The phase after `phase`, skipping those of 0 steps."""
+        later = PHASES[PHASES.index(phase) + 1 :]
+        return next(p for p in later if p == "done" or self._phase_config(p).steps > 0)
+
+    def _enter(self, phase: str) -> None:
+        """Make `phase` the current one: only what it trains has gradients, and its optimiser starts fresh."""
+        self.phase = phase
+        ae = self.model.autoencoder
+        ae.requires_grad_(phase == "autoencoder")
+        ae.decoder.requires_grad_(phase in ("autoencoder", "decoder"))
+        self.optimizer = self._optimizer()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         phase = self._phase_config()
@@ -524,6 +580,8 @@ class TrainingRun:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
 
@@ -536,20 +594,24 @@ class TrainingRun:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError(f"{path}: not a worldserve training state")
         self._set_latent_scale(state["latent_scale"])
-        self.phase, self.step, self.elapsed = state["phase"], state["step"], state["elapsed"]
+        self.step, self.elapsed = state["step"], state["elapsed"]
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer = self._optimizer()
+        self._enter(state["phase"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "discriminator" in state:  # states written before the decoder phase existed have none
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.generator.set_state(state["generator"])
         print(f"resuming {self.out}: phase {self.phase}, step {self.step}, {self.elapsed / 60:.1f} min trained")
 
     def save(self) -> None:
-        """state.pt and model.safetensors (EMA weights with the trained autoencoder), each written atomically."""
+        """state.pt and model.safetensors (the autoencoder being trained, or the EMA weights of the DiT with the
+        trained autoencoder), each written atomically."""
         partial = self.out / "state.pt.partial"
         torch.save(self._state(), partial)
         partial.replace(self.out / "state.pt")
-        export = self.ema if self.phase != "autoencoder" else self.model
+        export = self.model if self.phase in ("autoencoder", "decoder") else self.ema
         meta = {
             "training": json.dumps({"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 1)})
         }
@@ -591,11 +653,11 @@ class TrainingRun:
     def _run_phase(self) -> None:
         phase = self._phase_config()
         ae = self.model.autoencoder
-        encode = None if self.phase == "autoencoder" else self._encoder(ae)
+        encode = None if self.phase in ("autoencoder", "decoder") else self._encoder(ae)
         self.pool = EpisodePool(self.config, self.train, encode)
         try:
             started = time.perf_counter()
-            # the DiT phase records episodes the autoencoder never saw
+            # the decoder and DiT phases record episodes the autoencoder never saw
             first = 0 if self.phase == "autoencoder" else self.train.pool_episodes + self.train.autoencoder.steps
             self.pool.fill(first + self.train.pool_episodes + self.step // phase.refresh_every)
             ready = time.perf_counter() - started
@@ -631,7 +693,8 @@ class TrainingRun:
                 bar.update(1)
                 bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.1e}", refresh=False)
                 if self.step % self.train.log_every == 0:
-                    self._log(loss=value, smoothed=smoothed, lr=lr, grad_norm=float(grad_norm))
+                    parts = {name: float(part) for name, part in self._phase_log.items()}
+                    self._log(loss=value, smoothed=smoothed, lr=lr, grad_norm=float(grad_norm), **parts)
                 if time.perf_counter() - last_save > 60 * self.train.checkpoint_minutes:
                     self.save()
                     last_save = time.perf_counter()
@@ -648,6 +711,9 @@ class TrainingRun:
             phase = self.train.autoencoder
             frames = sample_frames(self.pool, phase.batch, self.generator).to(self.device)
             return autoencoder_loss(self.model, frames, phase.latent_noise, self.generator)
+        if self.phase == "decoder":
+            frames = sample_frames(self.pool, self.train.decoder.batch, self.generator).to(self.device)
+            return self._adversarial_decoder_loss(frames)
         phase = self.train.dit
         clips = sample_clips(self.pool, phase.batch, phase.frames, phase.prompt_dropout, self.generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -661,6 +727,22 @@ class TrainingRun:
                 phase.predicted_passes,
             )
 
+    def _adversarial_decoder_loss(self, frames: torch.Tensor) -> torch.Tensor:
+        """One discriminator step on this batch of frames and their reconstructions, then the decoder's loss
+        against the updated discriminator: MSE in [0, 1] plus `adversarial_weight` times its hinge loss."""
+        phase, critic = self.train.decoder, self.discriminator
+        decoded, truth = reconstruct(self.model, frames, phase.latent_noise, self.generator)
+        critic.requires_grad_(True)
+        critic_loss = discriminator_loss(critic(truth), critic(decoded.detach()))
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.discriminator_optimizer.step()
+        critic.requires_grad_(False)  # the decoder's loss needs gradients through it, not of its weights
+        mse = F.mse_loss(decoded, truth)
+        adversarial = generator_loss(critic(decoded))
+        self._phase_log = {"mse": mse.detach(), "adversarial": adversarial.detach(), "critic": critic_loss.detach()}
+        return mse + phase.adversarial_weight * adversarial
+
     def _encoder(self, ae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         @torch.no_grad()
         def encode(frames: torch.Tensor) -> torch.Tensor:
@@ -670,7 +752,7 @@ class TrainingRun:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        if self.phase == "autoencoder":
+        if self.phase != "dit":
             return
         decay = min(self.train.dit.ema_decay, (1 + self.step) / (10 + self.step))
         for part in ("dit", "prompt_encoder"):
@@ -687,13 +769,16 @@ class TrainingRun:
             scale = float(f"{1.0 / latents.float().std().item():.4g}")
             self._set_latent_scale(scale)
             self.ema.load_state_dict(self.model.state_dict())
-            self.model.autoencoder.requires_grad_(False)
             self._log(event="autoencoder done", latent_scale=scale)
             print(f"autoencoder done: latent_scale {scale}")
-            self.phase, self.step = "dit", 0
-        else:
-            self.phase = "done"
-        self.optimizer = self._optimizer()
+        elif self.phase == "decoder":
+            self.ema.autoencoder.load_state_dict(self.model.autoencoder.state_dict())
+            self._log(event="decoder done")
+        following = self._following(self.phase)
+        self._enter(following)
+        if following != "done":
+            self.step = 0
+        self._phase_log = {}
 
     def _log(self, **fields: Any) -> None:
         entry = {"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 2), **fields}
@@ -717,8 +802,8 @@ def train(
     max_steps: int | None = None,
     init_from: str | Path | None = None,
 ) -> TrainingRun:
-    """Train (or resume) the run in `out` until both phases are done, `max_minutes` have passed or `max_steps`
-    optimiser steps were taken in this call; returns the run, whose `phase` is "done" when both phases finished.
+    """Train (or resume) the run in `out` until its phases are done, `max_minutes` have passed or `max_steps`
+    optimiser steps were taken in this call; returns the run, whose `phase` is "done" when all phases finished.
     A new run starts from the weights of checkpoint `init_from` when given (ignored when resuming)."""
     run = TrainingRun(out, config, train_config, device, max_minutes, progress, max_steps, init_from)
     run.run()

@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=cmd_data)
 
     training = commands.add_parser(
-        "train", help="train the world model on the reference game: the autoencoder, then the DiT (resumable)"
+        "train",
+        help="train the world model on the reference game: the autoencoder, an adversarial decoder fine-tune "
+        "(when the schedule has one), then the DiT (resumable)",
     )
     training.add_argument("--out", type=Path, required=True, help="run folder; an existing run there is resumed")
     training.add_argument(

@@ -327,7 +327,7 @@ def test_fine_tuning_needs_a_matching_checkpoint(tmp_path: Path):
 def test_every_shipped_training_config_loads(path: Path):
     """The recipes docs/training.md quotes stay valid as TrainConfig changes."""
     config = load_train_config(path)
-    assert config.dit.steps > 0
+    assert config.autoencoder.steps + config.decoder.steps + config.dit.steps > 0
 
 
 def test_bad_training_config_and_damaged_state_give_one_line_errors(tmp_path: Path, capsys):
@@ -343,3 +343,53 @@ def test_bad_training_config_and_damaged_state_give_one_line_errors(tmp_path: Pa
     (tmp_path / "run2" / "state.pt").write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="cannot read the training state"):
         train(tmp_path / "run2", tiny_config(), tiny_train(), device="cpu", progress=False)
+
+
+DECODER = {"steps": 3, "batch": 4, "lr": 0.001, "warmup_steps": 1, "adversarial_weight": 0.5}
+
+
+def test_decoder_fine_tune_trains_the_decoder_only(tmp_path: Path):
+    train(tmp_path / "base", tiny_config(), tiny_train(), device="cpu", progress=False)
+    start = tmp_path / "base" / "model.safetensors"
+    sharpen = tiny_train(
+        seed=4,
+        autoencoder={**TINY_TRAIN["autoencoder"], "steps": 0},
+        decoder=DECODER,
+        dit={**TINY_TRAIN["dit"], "steps": 0},
+    )
+    run = train(tmp_path / "sharp", tiny_config(), sharpen, device="cpu", progress=False, init_from=start)
+    assert run.phase == "done" and run.step == DECODER["steps"]
+    before, after = load_file(start), load_file(tmp_path / "sharp" / "model.safetensors")
+    assert before.keys() == after.keys()  # the discriminator is not part of the model
+    for name in before:
+        if name.startswith("autoencoder.decoder."):
+            continue
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)  # latents and DiT unchanged
+    assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith("autoencoder.decoder."))
+    lines = [yaml.safe_load(line) for line in (tmp_path / "sharp" / "log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if line["phase"] == "decoder" and "loss" in line]
+    assert len(steps) == DECODER["steps"]
+    for line in steps:  # the loss is the MSE plus the weighted adversarial term, both logged
+        assert line["loss"] == pytest.approx(line["mse"] + DECODER["adversarial_weight"] * line["adversarial"])
+        assert line["critic"] > 0
+
+
+def test_a_run_through_all_three_phases_resumes_to_the_same_weights(tmp_path: Path):
+    three = tiny_train(decoder=DECODER)
+    straight = train(tmp_path / "straight", tiny_config(), three, device="cpu", progress=False)
+    assert straight.phase == "done"
+    phases = []
+    for _ in range(3):  # 3 steps at a time: stops inside each phase, the later two after crossing a boundary
+        partial = train(tmp_path / "resumed", tiny_config(), three, device="cpu", progress=False, max_steps=3)
+        phases.append(partial.phase)
+    assert phases == ["autoencoder", "decoder", "dit"]
+    resumed = train(tmp_path / "resumed", tiny_config(), three, device="cpu", progress=False)
+    assert resumed.phase == "done" and resumed.step == straight.step
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    reference = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
+    for name, value in reference["discriminator"].items():
+        torch.testing.assert_close(state["discriminator"][name], value, rtol=0, atol=0, msg=name)
