@@ -98,10 +98,7 @@ class AutoencoderTraining(PhaseConfig):
     )
 
 
-class DecoderTraining(PhaseConfig):
-    latent_noise: float = Field(
-        0.1, ge=0, description="std of the noise added to latents before decoding, relative to their std (unitless)"
-    )
+class DecoderTraining(AutoencoderTraining):
     adversarial_weight: float = Field(
         0.01,
         ge=0,
