@@ -75,7 +75,7 @@ class WorldEngine:
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
         self.sampler = FlowSampler(config.sampler)
-        with torch.no_grad():
+        with torch.inference_mode():
             self._free_prompt = model.prompt_encoder([""])  # what prompt dropout trained: the unconditional branch
         self.action_space = model.action_space
         # action guidance's null: a chunk of standing still, (T, A)
@@ -113,7 +113,7 @@ class WorldEngine:
     def chunk_frames(self) -> int:
         return self.config.model.chunk_frames
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def new_world(self, prompt: str = "", seed: int = 0, init_frames: np.ndarray | None = None) -> World:
         """A fresh world; `init_frames` (T, H, W, 3) uint8, T a multiple of chunk_frames, are written into its
         cache as its first frames (`observe` under idle actions), so generation continues from them."""
@@ -128,11 +128,11 @@ class WorldEngine:
 
     def set_prompt(self, world: World, prompt: str) -> None:
         """Condition the world's next frames on a new prompt; its history stays."""
-        with torch.no_grad():
+        with torch.inference_mode():
             world.prompt_tokens = self.model.prompt_encoder([prompt])
         world.prompt = prompt
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
         """Advance every world by one chunk in one batched call; returns per world its chunk's frames, each a uint8
         (H, W, 3) array. Worlds must be distinct and made by this engine."""
@@ -162,7 +162,7 @@ class WorldEngine:
             world.stats.last_decode_ms = (decoded - decode_started + finished - committed) * 1e3
         return frames
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
         """The frames `step` would generate for every world (same noise, same sampler, same batching), without
         writing them into the caches: each world's cache and `frame_index` stay as they were. Each world's random
@@ -170,7 +170,7 @@ class WorldEngine:
         world its chunk's frames, uint8 (H, W, 3) arrays. Follow with `observe` to write the true frames instead."""
         return self._frames(self._pixels(self._denoise(worlds, actions).clean), len(worlds))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def observe(self, world: World, frames: np.ndarray, actions: Sequence[Action]) -> None:
         """Write true frames into the world's cache as its next frames, each conditioned on its own action, exactly
         as `step` writes a generated chunk (its commit pass, at `sampler.context_noise`), and advance `frame_index`.
