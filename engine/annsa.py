@@ -62,13 +62,16 @@ class AnnSAPlanner:
         return SortedKeys(order, _block_membership(hot, self.block_k).float(), fixed)
 
     def layout(self, q: torch.Tensor, keys: SortedKeys) -> tuple[torch.Tensor, BlockSparseLayout]:
-        """q (h, N, d) rotated -> the query order (h, N) and the layout over sorted queries and sorted keys."""
+        """q (P h, N, d) rotated, the queries of P passes over the same keys (h heads each, pass-major) -> the
+        query order (P h, N) and the layout (P h rows) over sorted queries and sorted keys."""
+        heads = keys.blocks.shape[0]
         if self.centre:
             q = q - q.mean(dim=1, keepdim=True)
-        ids = self.hasher.probe(q, self.probes)  # (h, N, 1 + probes): own bucket first
-        order = torch.sort(ids[..., 0], dim=1, stable=True).indices  # (h, N)
-        hot = self.hasher.one_hot(torch.take_along_dim(ids, order[..., None], dim=1))  # (h, N, 2^bits)
-        selected = (_block_membership(hot, self.block_q).float() @ keys.blocks.transpose(1, 2)) > 0  # (h, QB, KB)
+        ids = self.hasher.probe(q, self.probes)  # (P h, N, 1 + probes): own bucket first
+        order = torch.sort(ids[..., 0], dim=1, stable=True).indices  # (P h, N)
+        hot = self.hasher.one_hot(torch.take_along_dim(ids, order[..., None], dim=1))  # (P h, N, 2^bits)
+        membership = _block_membership(hot, self.block_q).float().unflatten(0, (-1, heads))  # (P, h, QB, 2^bits)
+        selected = (membership @ keys.blocks.transpose(1, 2)).flatten(0, 1) > 0  # (P h, QB, KB)
         selected[..., : -(-keys.fixed // self.block_k)] = True  # sinks and the current chunk
         return order, BlockSparseLayout.from_mask(selected, self.block_q, self.block_k)
 

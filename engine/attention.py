@@ -69,12 +69,11 @@ class SequenceAttention:
     (`causal_mask` for frame-causal generation; training builds its own, engine/train.py)."""
 
     def __init__(self, rope: Rope3D, pos: torch.Tensor, mask: torch.Tensor) -> None:
-        self.rope = rope
-        self.pos = pos
+        self.turns = rope.turns(pos)  # the same positions in every layer: rotations computed once
         self.mask = mask
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k = self.rope.rotate(q, self.pos), self.rope.rotate(k, self.pos)  # (B, N, h, d)
+        q, k = Rope3D.apply(torch.cat((q, k), dim=2), self.turns).chunk(2, dim=2)  # (B, N, h, d) each
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
         )
@@ -151,7 +150,8 @@ class CachedAttention:
         self.shared = shared
         self.sparse = sparse
         self.step = step
-        self.row_pos = pos.repeat(passes, 1, 1)  # (P B, N, 3): each row at its world's positions
+        # each row at its world's positions, the same in every layer: (P B, N, 1, d/2) rotations computed once
+        self.row_turns = rope.turns(pos.repeat(passes, 1, 1))
 
     def _slots(self, world: int, layer: int, n: int) -> RotatedSlots:
         slots = self.shared.get(world, layer)
@@ -170,25 +170,29 @@ class CachedAttention:
         sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
         n, worlds = k.shape[1], len(self.caches)
         # queries and keys of every row rotated at once: (P B, N, 2 h, d)
-        rotated = self.rope.rotate(torch.cat((q, k), dim=2), self.row_pos)
+        rotated = Rope3D.apply(torch.cat((q, k), dim=2), self.row_turns)
         q_rot, k_rot = rotated.chunk(2, dim=2)
-        outs = []
-        for row in range(q.shape[0]):
-            b = row % worlds
+        passes, out = q.shape[0] // worlds, torch.empty_like(q)  # out (P B, N, h, d)
+        for b in range(worlds):
             slots = self._slots(b, layer, n)
+            rows = slice(b, None, worlds)  # world b's rows, one per pass
             if sparse is None:
-                # the chunk's rows of the shared buffer are rewritten by each row before it attends
-                slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
-                outs.append(attend(q_rot[row], slots.key, slots.value, slots.bias))
+                for row in range(b, q.shape[0], worlds):
+                    # the chunk's rows of the shared buffer are rewritten by each pass before it attends
+                    slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
+                    out[row] = attend(q_rot[row], slots.key, slots.value, slots.bias)
             else:
-                if slots.sorted is None:
+                if slots.sorted is None or slots.sorted.passes < passes:
                     s = slots.slots
                     bias = None if slots.bias is None else slots.bias[:s]
-                    slots.sorted = sparse.sort_slots(slots.key[:s], slots.value[:s], bias, slots.sinks, current=n)
-                outs.append(sparse.self_attention(layer, q_rot[row], k_rot[row], v[row], slots.sorted))
+                    slots.sorted = sparse.sort_slots(
+                        slots.key[:s], slots.value[:s], bias, slots.sinks, current=n, passes=passes
+                    )
+                # every pass of the world in one call: one layout and one kernel launch instead of P
+                out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
             if self.write:
                 self.policy.commit(self.caches[b].layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
-        return torch.stack(outs)  # (P B, N, h, d)
+        return out
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -28,15 +28,20 @@ from engine.meter import AttentionMeter
 
 @dataclass
 class SortedSlots:
-    """One world's keys of one layer in AnnSA's order, laid out once per engine step: rotated key and value
-    (h, S, d) and bias (h, S) float32 in the order [sinks | current chunk | cache slots sorted by bucket], and the
-    sorted keys' bucket membership. The current chunk's rows are rewritten by every pass."""
+    """One world's keys of one layer in AnnSA's order, laid out once per engine step for up to `passes` passes:
+    rotated key and value (P, h, S, d) and bias (P, h, S) float32 in the order [sinks | current chunk | cache
+    slots sorted by bucket], and the sorted keys' bucket membership. Each pass has its own copy because the
+    current chunk's rows differ between passes; every forward rewrites them."""
 
     keys: SortedKeys
     key: torch.Tensor
     value: torch.Tensor
     bias: torch.Tensor
     sinks: int
+
+    @property
+    def passes(self) -> int:
+        return self.key.shape[0]
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, BlockSparseLayout], torch.Tensor]
@@ -76,54 +81,59 @@ class SparseAttention:
         return self.annca is not None and self._sparse_now(layer, step)
 
     def sort_slots(
-        self, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, sinks: int, current: int
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        sinks: int,
+        current: int,
+        passes: int = 1,
     ) -> SortedSlots:
         """Lay out one world's cache slots of one layer for AnnSA, once per engine step: rotated key, value (S, h, d)
         and bias (S,) or None of the slots, the first `sinks` being sinks; `current` rows are left for the chunk
-        being generated, which every pass writes in (`self_attention`)."""
+        being generated, which every pass writes in (`self_attention`), with one copy for each of `passes`."""
         assert self.annsa is not None
         s, h, d = key.shape
-        rest = s - sinks
         fixed = sinks + current
         keys = self.annsa.sort_keys(key[sinks:].transpose(0, 1), fixed)
         heads = torch.arange(h, device=key.device)[:, None]
         # token i of head j is row i * h + j of the (tokens * h, d) view: one index_select per tensor, no gather
         rows = torch.cat((heads.new_tensor(range(sinks)).expand(h, -1), keys.order + sinks), dim=1) * h + heads
         bias = bias.float() if bias is not None else key.new_zeros(s, dtype=torch.float32)
-        sorted_slots = SortedSlots(
-            keys,
-            key.new_zeros(h, fixed + rest, d),
-            value.new_zeros(h, fixed + rest, d),
-            bias.new_zeros(h, fixed + rest),
-            sinks,
-        )
-        for buffer, source in ((sorted_slots.key, key), (sorted_slots.value, value)):
-            picked = source.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
-            buffer[:, :sinks], buffer[:, fixed:] = picked[:, :sinks], picked[:, sinks:]
-        picked = bias.index_select(0, (rows // h).flatten()).view(h, s)
-        sorted_slots.bias[:, :sinks], sorted_slots.bias[:, fixed:] = picked[:, :sinks], picked[:, sinks:]
-        return sorted_slots
+        key = key.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
+        value = value.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
+        bias = bias.index_select(0, (rows // h).flatten()).view(h, s)
+
+        def laid_out(picked: torch.Tensor) -> torch.Tensor:  # (h, s, ...) -> (P, h, s + current, ...), rows zeroed
+            gap = picked.new_zeros(h, current, *picked.shape[2:])
+            return torch.cat((picked[:, :sinks], gap, picked[:, sinks:]), dim=1).repeat(passes, *[1] * picked.ndim)
+
+        return SortedSlots(keys, laid_out(key), laid_out(value), laid_out(bias), sinks)
 
     def self_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: SortedSlots
     ) -> torch.Tensor:
-        """One world: rotated q, k and v (N, h, d) of the current chunk over itself and the sorted cache slots
-        -> (N, h, d). The chunk's keys and values are written into the slots' reserved rows (bias 0: m = 1)."""
-        assert self.annsa is not None and k.shape[0] == slots.keys.fixed - slots.sinks
-        n, h, d = q.shape
+        """One world, P passes at once (P at most `slots.passes`): rotated q, k and v (P, N, h, d) of each pass's
+        current chunk over itself and the sorted cache slots -> (P, N, h, d). Each pass's chunk keys and values are
+        written into its copy of the slots' reserved rows (bias 0: m = 1)."""
+        assert self.annsa is not None and k.shape[1] == slots.keys.fixed - slots.sinks and len(q) <= slots.passes
+        p, n, h, d = q.shape
         current = slice(slots.sinks, slots.keys.fixed)
-        slots.key[:, current] = k.transpose(0, 1)
-        slots.value[:, current] = v.transpose(0, 1)
-        q_order, layout = self.annsa.layout(q.transpose(0, 1), slots.keys)
-        q_rows = (q_order * h + torch.arange(h, device=q.device)[:, None]).flatten()  # row i h + j: token i, head j
-        q_sorted = q.reshape(n * h, d).index_select(0, q_rows).view(h, n, d)
-        out_sorted = self.kernel(q_sorted, slots.key, slots.value, slots.bias, layout)
-        out = torch.empty_like(q).view(n * h, d).index_copy_(0, q_rows, out_sorted.reshape(h * n, d))
+        slots.key[:p, :, current] = k.transpose(1, 2)
+        slots.value[:p, :, current] = v.transpose(1, 2)
+        key, value, bias = (t[:p].flatten(0, 1) for t in (slots.key, slots.value, slots.bias))  # (P h, S, ...)
+        q_order, layout = self.annsa.layout(q.transpose(1, 2).reshape(p * h, n, d), slots.keys)  # rows P h
+        # row (i h + j) + n h p of the (P N h, d) view: token i of head j in pass p
+        heads = torch.arange(p * h, device=q.device)[:, None]
+        q_rows = (q_order * h + heads % h + heads // h * (n * h)).flatten()
+        q_sorted = q.reshape(p * n * h, d).index_select(0, q_rows).view(p * h, n, d)
+        out_sorted = self.kernel(q_sorted, key, value, bias, layout)
+        out = torch.empty_like(q).view(p * n * h, d).index_copy_(0, q_rows, out_sorted.reshape(p * h * n, d))
         if self.meter is not None:
-            logits = q_sorted.float() @ slots.key.float().transpose(1, 2) / math.sqrt(d)
-            probabilities = torch.softmax(logits + slots.bias[:, None, :], dim=-1)
-            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, slots.key.shape[1]))
-        return out.view(n, h, d)
+            logits = q_sorted.float() @ key.float().transpose(1, 2) / math.sqrt(d)
+            probabilities = torch.softmax(logits + bias[:, None, :], dim=-1)
+            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, key.shape[1]))
+        return out.view(p, n, h, d)
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -37,7 +37,7 @@ def _sparse_self(
     laid out once as the engine does per step. The bias of the current chunk must be zero (m = 1)."""
     assert bias is None or not bias[:fixed].any()
     slots = sparse.sort_slots(k[fixed:], v[fixed:], None if bias is None else bias[fixed:], sinks=0, current=fixed)
-    return sparse.self_attention(layer, q, k[:fixed], v[:fixed], slots)
+    return sparse.self_attention(layer, q[None], k[None, :fixed], v[None, :fixed], slots)[0]
 
 
 def test_annsa_with_every_block_selected_equals_dense_attention() -> None:
@@ -71,6 +71,22 @@ def test_annsa_never_drops_a_colliding_pair_and_always_sees_the_prefix() -> None
     # keys after the prefix are sorted by bucket, so selected keys form tiles
     sorted_ids = k_ids.gather(1, k_order[:, fixed:] - fixed)
     assert (sorted_ids[:, 1:] >= sorted_ids[:, :-1]).all()
+
+
+def test_annsa_runs_the_passes_of_a_step_at_once_as_it_runs_each_alone() -> None:
+    """Guidance passes share the cache slots but not the current chunk: each pass sees only its own chunk."""
+    torch.manual_seed(3)
+    sparse = _sparse(annsa=True, block_q=4, block_k=8, lsh_bits=3, lsh_probes=1)
+    sinks, n, h, d = 4, 12, 3, 16
+    cache_k, cache_v, bias = torch.randn(70, h, d), torch.randn(70, h, d), torch.rand(70)
+    q, k, v = torch.randn(2, n, h, d), torch.randn(2, n, h, d), torch.randn(2, n, h, d)
+    together = sparse.self_attention(0, q, k, v, sparse.sort_slots(cache_k, cache_v, bias, sinks, n, passes=2))
+    for p in range(2):
+        alone = sparse.self_attention(
+            0, q[p : p + 1], k[p : p + 1], v[p : p + 1], sparse.sort_slots(cache_k, cache_v, bias, sinks, n)
+        )
+        torch.testing.assert_close(together[p : p + 1], alone, atol=1e-6, rtol=0)
+    assert not torch.allclose(together[0], together[1])
 
 
 def test_annca_keeping_all_tokens_equals_dense_cross_attention() -> None:
