@@ -73,7 +73,7 @@ class AnnSAPlanner:
         membership = _block_membership(hot, self.block_q).float().unflatten(0, (-1, heads))  # (P, h, QB, 2^bits)
         selected = (membership @ keys.blocks.transpose(1, 2)).flatten(0, 1) > 0  # (P h, QB, KB)
         selected[..., : -(-keys.fixed // self.block_k)] = True  # sinks and the current chunk
-        return order, BlockSparseLayout.from_mask(selected, self.block_q, self.block_k)
+        return order, BlockSparseLayout(selected, self.block_q, self.block_k)
 
     def plan(
         self, q: torch.Tensor, k: torch.Tensor, fixed: int

@@ -96,19 +96,25 @@ class SparseAttention:
         s, h, d = key.shape
         fixed = sinks + current
         keys = self.annsa.sort_keys(key[sinks:].transpose(0, 1), fixed)
-        heads = torch.arange(h, device=key.device)[:, None]
+        # per head, the slot behind every row of the layout: sinks, then `current` rows standing for the chunk
+        # (slot s: the zero bias appended below; key and value rows are rewritten by every pass before it attends),
+        # then the sorted slots
+        sink_slots = torch.arange(sinks, device=key.device).expand(h, -1)
+        chunk_rows = torch.full((h, current), s, device=key.device)
+        slot = torch.cat((sink_slots, chunk_rows, keys.order + sinks), dim=1).repeat(passes, 1)  # (P h, S + current)
+        heads = torch.arange(h, device=key.device).repeat(passes)[:, None]
         # token i of head j is row i * h + j of the (tokens * h, d) view: one index_select per tensor, no gather
-        rows = torch.cat((heads.new_tensor(range(sinks)).expand(h, -1), keys.order + sinks), dim=1) * h + heads
+        rows = (slot.clamp(max=s - 1) * h + heads).flatten()
         bias = bias.float() if bias is not None else key.new_zeros(s, dtype=torch.float32)
-        key = key.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
-        value = value.reshape(s * h, d).index_select(0, rows.flatten()).view(h, s, d)
-        bias = bias.index_select(0, (rows // h).flatten()).view(h, s)
+        laid = (passes, h, fixed + s - sinks)
 
-        def laid_out(picked: torch.Tensor) -> torch.Tensor:  # (h, s, ...) -> (P, h, s + current, ...), rows zeroed
-            gap = picked.new_zeros(h, current, *picked.shape[2:])
-            return torch.cat((picked[:, :sinks], gap, picked[:, sinks:]), dim=1).repeat(passes, *[1] * picked.ndim)
+        def picked(source: torch.Tensor) -> torch.Tensor:  # (s, h, d) -> (P, h, S + current, d)
+            if s == 0:  # nothing cached yet: only the chunk's rows
+                return source.new_zeros(*laid, d)
+            return source.reshape(s * h, d).index_select(0, rows).view(*laid, d)
 
-        return SortedSlots(keys, laid_out(key), laid_out(value), laid_out(bias), sinks)
+        bias = F.pad(bias, (0, 1)).index_select(0, slot.flatten()).view(laid)
+        return SortedSlots(keys, picked(key), picked(value), bias, sinks)
 
     def self_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: SortedSlots

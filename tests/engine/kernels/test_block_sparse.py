@@ -36,7 +36,7 @@ def _random_layout(h: int, n: int, s: int, block_q: int, block_k: int, device: s
     mask[..., 0] = True
     mask[0, 0] = True
     mask[:, -1, -1] = True
-    return BlockSparseLayout.from_mask(mask.to(device), block_q, block_k)
+    return BlockSparseLayout(mask.to(device), block_q, block_k)
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, allowed: torch.Tensor | None = None):
