@@ -73,7 +73,7 @@ class SequenceAttention:
         self.mask = mask
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k = Rope3D.apply(torch.cat((q, k), dim=2), self.turns).chunk(2, dim=2)  # (B, N, h, d) each
+        q, k = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.turns).chunk(2, dim=2)  # (B, N, h, d) each
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
         )
@@ -170,7 +170,7 @@ class CachedAttention:
         sparse = self.sparse if self.sparse is not None and self.sparse.self_sparse(layer, self.step) else None
         n, worlds = k.shape[1], len(self.caches)
         # queries and keys of every row rotated at once: (P B, N, 2 h, d)
-        rotated = Rope3D.apply(torch.cat((q, k), dim=2), self.row_turns)
+        rotated = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.row_turns)
         q_rot, k_rot = rotated.chunk(2, dim=2)
         passes, out = q.shape[0] // worlds, torch.empty_like(q)  # out (P B, N, h, d)
         for b in range(worlds):

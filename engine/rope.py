@@ -32,11 +32,11 @@ class Rope3D(nn.Module):
     def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., N, h, d) by integer positions pos (..., N, 3) = (t, y, x); returns x's dtype. The angles
         and the rotation are computed in float32 whatever x's dtype."""
-        return self.apply(x, self.turns(pos))
+        return self.rotate_by(x, self.turns(pos))
 
     def turns(self, pos: torch.Tensor) -> torch.Tensor:
         """The rotation of every token at integer positions pos (..., N, 3): (..., N, 1, d/2) complex64, to be
-        computed once and applied (`apply`) to every tensor and layer at those positions."""
+        computed once and applied (`rotate_by`) to every tensor and layer at those positions."""
         if self.freqs.device != pos.device:
             self.freqs = self.freqs.to(pos.device)
         # elementwise, not a matmul: autocast (bfloat16 training on a GPU) would run a matmul in bfloat16
@@ -44,7 +44,7 @@ class Rope3D(nn.Module):
         return torch.complex(angles.cos(), angles.sin())
 
     @staticmethod
-    def apply(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-        """Rotate x (..., N, h, d) by `turns` (..., N, 1, d/2) from `turns`; returns x's dtype."""
+    def rotate_by(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., N, h, d) by rotations (..., N, 1, d/2) from `turns`; returns x's dtype."""
         pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (..., N, h, d/2) complex
         return torch.view_as_real(pairs * turns).flatten(-2).to(x.dtype)

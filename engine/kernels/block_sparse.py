@@ -66,10 +66,9 @@ def block_sparse_attention_torch(
     """Reference backend: attention over every key with the blocks not selected masked out (-inf logits).
 
     It computes every query-key pair and saves no arithmetic (the Triton kernel is what skips blocks), but on a CPU
-    at one frame's queries it is the faster form: gathering each query block's key tiles, its previous form, copied
-    the selected keys once per query block and took 2.5 to 4 times as long (measured at 165 and 1,552 keys,
-    docs/engine.md). Memory: one (h, N, S) float32 mask. Computes in float32 (SDPA would round the log m bias to a
-    bf16 mask otherwise).
+    at one frame's queries it is the faster form: gathering each query block's key tiles instead copies the
+    selected keys once per query block (docs/engine.md, "Step time on a CPU"). Memory: one (h, N, S) float32 mask.
+    Computes in float32 (SDPA would round the log m bias to a bf16 mask otherwise).
     """
     n, s = q.shape[1], k.shape[1]
     logit_bias = torch.where(layout.token_mask(n, s), bias.float()[:, None, :], float("-inf"))  # (h, N, S)

@@ -62,6 +62,22 @@ def test_reference_with_a_random_layout_equals_masked_dense_attention() -> None:
     torch.testing.assert_close(block_sparse_attention_torch(q, k, v, bias, layout), expected, atol=1e-5, rtol=0)
 
 
+def test_the_lists_and_the_token_mask_hold_exactly_the_selected_blocks() -> None:
+    """What the Triton kernel reads (kv_blocks, kv_counts) and what the reference masks by (token_mask), each
+    checked against the block mask element by element."""
+    h, n, s, bq, bk = 3, 19, 45, 4, 16
+    layout = _random_layout(h, n, s, bq, bk)
+    token_mask = layout.token_mask(n, s)
+    assert token_mask.shape == (h, n, s)
+    for head, qb in itertools.product(range(h), range(layout.mask.shape[1])):
+        selected = layout.mask[head, qb].nonzero().flatten().tolist()
+        count = int(layout.kv_counts[head, qb])
+        assert layout.kv_blocks[head, qb, :count].tolist() == selected  # ascending
+        assert (layout.kv_blocks[head, qb, count:] == -1).all()
+        for i in range(qb * bq, min(n, (qb + 1) * bq)):
+            assert token_mask[head, i].tolist() == [j // bk in selected for j in range(s)]
+
+
 # Measured max |triton - reference| over these cases: fp32 7e-7; fp16 4.9e-4, one fp16 step in [0.5, 1), i.e. the
 # two backends round the output differently (each alone is up to 4.6e-4 off fp32 attention).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
