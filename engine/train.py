@@ -37,9 +37,10 @@ dropped (replaced by "") for a `prompt_dropout` share of samples, so the model a
 and the prompt encoder train with AdamW; an exponential moving average of their weights is what is exported.
 
 A run folder holds `config.yaml` (the world config, with the trained latent_scale), `train.yaml`, `state.pt`
-(everything to resume: phase, step, weights, optimiser, EMA, discriminator, RNG), `model.safetensors` (the latest
-exportable checkpoint: EMA weights) and `log.jsonl`. Running the same command again resumes; the stream of data
-and noise is a function of (seed, step), so a resumed run is the run that was not interrupted.
+(everything to resume: phase, step, weights, optimiser, EMA, RNG and, in runs with a decoder phase, the
+discriminator), `model.safetensors` (the latest exportable checkpoint: EMA weights) and `log.jsonl`. Running the
+same command again resumes; the stream of data and noise is a function of (seed, step), so a resumed run is the run
+that was not interrupted.
 
 A run may also start from a trained checkpoint (`--init-from`), e.g. to train the shipped model's DiT longer on
 a new stream of episodes (`configs/train_finetune.yaml`: `autoencoder.steps: 0` skips phase 1, another `seed`), or
@@ -478,12 +479,16 @@ class TrainingRun:
         self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.generator = torch.Generator().manual_seed(self.train.seed)
-        with torch.random.fork_rng(devices=[]):  # leaves the global random state as it was without it
-            torch.manual_seed(self.train.seed + 1)
-            self.discriminator = PatchDiscriminator().to(self.device)
-        self.discriminator_optimizer = torch.optim.AdamW(
-            self.discriminator.parameters(), lr=self.train.decoder.discriminator_lr, betas=(0.5, 0.9)
-        )
+        # the decoder phase's critic, only in runs that have that phase (its weights and AdamW are ~5 MB of state)
+        self.discriminator: PatchDiscriminator | None = None
+        self.discriminator_optimizer: torch.optim.Optimizer | None = None
+        if self.train.decoder.steps > 0:
+            with torch.random.fork_rng(devices=[]):  # leaves the global random state as it was without it
+                torch.manual_seed(self.train.seed + 1)
+                self.discriminator = PatchDiscriminator().to(self.device)
+            self.discriminator_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(), lr=self.train.decoder.discriminator_lr, betas=(0.5, 0.9)
+            )
         self._phase_log: dict[str, torch.Tensor] = {}  # what the phase's loss adds to each log line
         self.step, self.elapsed = 0, 0.0
         self._enter("autoencoder")
@@ -568,7 +573,7 @@ class TrainingRun:
     # -- state ---------------------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return {
+        state = {
             "format": STATE_FORMAT,
             "phase": self.phase,
             "step": self.step,
@@ -577,10 +582,12 @@ class TrainingRun:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
+        if self.discriminator is not None and self.discriminator_optimizer is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+            state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
+        return state
 
     def _load_state(self) -> None:
         path = self.out / "state.pt"
@@ -596,7 +603,9 @@ class TrainingRun:
         self.ema.load_state_dict(state["ema"])
         self._enter(state["phase"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if "discriminator" in state:  # states written before the decoder phase existed have none
+        # runs without a decoder phase keep no critic (a resumed run has the same phases: `_adopt`); states written
+        # before the phase existed have none either
+        if "discriminator" in state and self.discriminator is not None and self.discriminator_optimizer is not None:
             self.discriminator.load_state_dict(state["discriminator"])
             self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.generator.set_state(state["generator"])
@@ -727,13 +736,14 @@ class TrainingRun:
     def _adversarial_decoder_loss(self, frames: torch.Tensor) -> torch.Tensor:
         """One discriminator step on this batch of frames and their reconstructions, then the decoder's loss
         against the updated discriminator: MSE in [0, 1] plus `adversarial_weight` times its hinge loss."""
-        phase, critic = self.train.decoder, self.discriminator
+        phase, critic, critic_optimizer = self.train.decoder, self.discriminator, self.discriminator_optimizer
+        assert critic is not None and critic_optimizer is not None  # built whenever decoder.steps > 0
         decoded, truth = reconstruct(self.model, frames, phase.latent_noise, self.generator)
         critic.requires_grad_(True)
         critic_loss = discriminator_loss(critic(truth), critic(decoded.detach()))
-        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
-        self.discriminator_optimizer.step()
+        critic_optimizer.step()
         critic.requires_grad_(False)  # the decoder's loss needs gradients through it, not of its weights
         mse = F.mse_loss(decoded, truth)
         adversarial = generator_loss(critic(decoded))

@@ -350,6 +350,7 @@ DECODER = {"steps": 3, "batch": 4, "lr": 0.001, "warmup_steps": 1, "adversarial_
 
 def test_decoder_fine_tune_trains_the_decoder_only(tmp_path: Path):
     train(tmp_path / "base", tiny_config(), tiny_train(), device="cpu", progress=False)
+    assert "discriminator" not in torch.load(tmp_path / "base" / "state.pt", weights_only=True)  # no decoder phase
     start = tmp_path / "base" / "model.safetensors"
     sharpen = tiny_train(
         seed=4,
