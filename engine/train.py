@@ -440,6 +440,14 @@ def autoencoder_loss(model: WorldModel, frames: torch.Tensor, latent_noise: floa
 # ---- the run ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Critic:
+    """The decoder phase's patch discriminator and its optimiser, which live and are saved together."""
+
+    net: PatchDiscriminator
+    optimizer: torch.optim.Optimizer
+
+
 def learning_rate(phase: PhaseConfig, step: int) -> float:
     if step < phase.warmup_steps:
         return phase.lr * (step + 1) / phase.warmup_steps
@@ -480,15 +488,13 @@ class TrainingRun:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.generator = torch.Generator().manual_seed(self.train.seed)
         # the decoder phase's critic, only in runs that have that phase (its weights and AdamW are ~5 MB of state)
-        self.discriminator: PatchDiscriminator | None = None
-        self.discriminator_optimizer: torch.optim.Optimizer | None = None
+        self.critic: Critic | None = None
         if self.train.decoder.steps > 0:
             with torch.random.fork_rng(devices=[]):  # leaves the global random state as it was without it
                 torch.manual_seed(self.train.seed + 1)
-                self.discriminator = PatchDiscriminator().to(self.device)
-            self.discriminator_optimizer = torch.optim.AdamW(
-                self.discriminator.parameters(), lr=self.train.decoder.discriminator_lr, betas=(0.5, 0.9)
-            )
+                net = PatchDiscriminator().to(self.device)
+            optimizer = torch.optim.AdamW(net.parameters(), lr=self.train.decoder.discriminator_lr, betas=(0.5, 0.9))
+            self.critic = Critic(net, optimizer)
         self._phase_log: dict[str, torch.Tensor] = {}  # what the phase's loss adds to each log line
         self.step, self.elapsed = 0, 0.0
         self._enter("autoencoder")
@@ -584,9 +590,9 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
-        if self.discriminator is not None and self.discriminator_optimizer is not None:
-            state["discriminator"] = self.discriminator.state_dict()
-            state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
+        if self.critic is not None:
+            state["discriminator"] = self.critic.net.state_dict()
+            state["discriminator_optimizer"] = self.critic.optimizer.state_dict()
         return state
 
     def _load_state(self) -> None:
@@ -605,9 +611,9 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         # runs without a decoder phase keep no critic (a resumed run has the same phases: `_adopt`); states written
         # before the phase existed have none either
-        if "discriminator" in state and self.discriminator is not None and self.discriminator_optimizer is not None:
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        if "discriminator" in state and self.critic is not None:
+            self.critic.net.load_state_dict(state["discriminator"])
+            self.critic.optimizer.load_state_dict(state["discriminator_optimizer"])
         self.generator.set_state(state["generator"])
         print(f"resuming {self.out}: phase {self.phase}, step {self.step}, {self.elapsed / 60:.1f} min trained")
 
@@ -736,8 +742,9 @@ class TrainingRun:
     def _adversarial_decoder_loss(self, frames: torch.Tensor) -> torch.Tensor:
         """One discriminator step on this batch of frames and their reconstructions, then the decoder's loss
         against the updated discriminator: MSE in [0, 1] plus `adversarial_weight` times its hinge loss."""
-        phase, critic, critic_optimizer = self.train.decoder, self.discriminator, self.discriminator_optimizer
-        assert critic is not None and critic_optimizer is not None  # built whenever decoder.steps > 0
+        phase = self.train.decoder
+        assert self.critic is not None  # built whenever decoder.steps > 0
+        critic, critic_optimizer = self.critic.net, self.critic.optimizer
         decoded, truth = reconstruct(self.model, frames, phase.latent_noise, self.generator)
         critic.requires_grad_(True)
         critic_loss = discriminator_loss(critic(truth), critic(decoded.detach()))
