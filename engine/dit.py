@@ -17,8 +17,10 @@ what each query sees. Shapes: B worlds, T frames, n tokens per frame, N = T n, D
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionContext, SequenceAttention, causal_mask
@@ -37,6 +39,21 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = (t.float() * 1000.0)[..., None] * freqs
     return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+@dataclass
+class PromptKeys:
+    """A prompt as the blocks' cross-attention reads it: per block, its normalised keys and values (B, L, h, d)
+    each, and the mask (B, L), True where a token is real. The same for every frame and every denoising step of a
+    world, so the engine computes them once per step (`CausalDiT.prompt_keys`) and every forward of the step reads
+    them."""
+
+    keys: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    def head(self, rows: int) -> PromptKeys:
+        """The first `rows` rows of the batch."""
+        return PromptKeys([(k[:rows], v[:rows]) for k, v in self.keys], self.mask[:rows])
 
 
 class DiTBlock(nn.Module):
@@ -61,28 +78,45 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
+    def prompt_keys(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected prompt tokens (B, L, D) -> this block's cross-attention keys (normalised) and values."""
+        B, L, D = prompt.shape
+        k, v = self.cross_kv(prompt).reshape(B, L, 2, self.heads, D // self.heads).unbind(2)  # (B, L, h, d) each
+        return self.cross_k_norm(k), v
+
     def forward(
         self,
         x: torch.Tensor,
         cond: torch.Tensor,
-        prompt: torch.Tensor,
+        prompt: tuple[torch.Tensor, torch.Tensor],
         prompt_mask: torch.Tensor,
         attention: AttentionContext,
-    ) -> torch.Tensor:
-        """x (B, T, n, D); cond (B, T, D); prompt (B, L, D); prompt_mask (B, L) -> (B, T, n, D)."""
+        attention_only: bool = False,
+    ) -> torch.Tensor | None:
+        """x (B, T, n, D); cond (B, T, D); prompt keys and values (B, L, h, d); prompt_mask (B, L) -> (B, T, n, D).
+        With `attention_only` the block stops after its self-attention has been handed its keys and values (a
+        writing attention context stores them) and returns None."""
         B, T, n, D = x.shape
         h = self.heads
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, :, None].chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).reshape(B, T * n, 3, h, D // h).unbind(2)
-        attended = attention.self_attention(self.index, self.q_norm(q), self.k_norm(k), v)  # (B, N, h, d)
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1)).reshape(B, T * n, 3, h, D // h)
+        q, k = self._qk_norm(qkv[:, :, :2]).unbind(2)  # (B, N, h, d) each
+        attended = attention.self_attention(self.index, q, k, qkv[:, :, 2])  # (B, N, h, d)
+        if attention_only:
+            return None
         x = x + gate1 * self.proj(attended.reshape(B, T, n, D))
 
         q = self.cross_q(self.norm_cross(x)).reshape(B, T * n, h, D // h)
-        pk, pv = self.cross_kv(prompt).reshape(B, -1, 2, h, D // h).unbind(2)  # (B, L, h, d) each
-        crossed = attention.cross_attention(self.index, self.cross_q_norm(q), self.cross_k_norm(pk), pv, prompt_mask)
+        crossed = attention.cross_attention(self.index, self.cross_q_norm(q), *prompt, prompt_mask)
         x = x + self.cross_proj(crossed.reshape(B, T, n, D))
 
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm and k_norm of qk (..., 2, h, d) in one normalisation (the same as each applied on its own)."""
+        assert self.q_norm.eps == self.k_norm.eps
+        weight = torch.stack((self.q_norm.weight, self.k_norm.weight))[:, None]  # (2, 1, d)
+        return F.rms_norm(qk, qk.shape[-1:], eps=self.q_norm.eps) * weight
 
 
 class CausalDiT(nn.Module):
@@ -126,36 +160,71 @@ class CausalDiT(nn.Module):
         frame_of_token = torch.arange(frames, device=device).repeat_interleave(self.grid[0] * self.grid[1])
         return SequenceAttention(self.rope, pos, causal_mask(frame_of_token // self.chunk_frames))
 
+    def prompt_keys(self, prompt: PromptTokens) -> PromptKeys:
+        """Every block's cross-attention keys and values of prompt embeddings (B, L, D_prompt)."""
+        projected = self.prompt_proj(prompt.embeddings.to(self.prompt_proj.weight.dtype))  # (B, L, D)
+        return PromptKeys([block.prompt_keys(projected) for block in self.blocks], prompt.mask)
+
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
         actions: torch.Tensor,
-        prompt: PromptTokens,
+        prompt: PromptTokens | PromptKeys,
         attention: AttentionContext | None = None,
         previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity (noise - clean) of latents x (B, T, C, h, w) at noise levels t (B, T).
 
-        actions (B, T, A); prompt embeddings (B, L, D_prompt). Without an attention context the whole sequence
-        is processed uncached and frame-causal (chunked by `chunk_frames`). With `model.previous_frame_input`,
-        `previous` (B, T, C, h, w) is the latent of the frame before each frame (None: zeros, a first frame).
+        actions (B, T, A); prompt embeddings (B, L, D_prompt), or their keys from `prompt_keys`. Without an
+        attention context the whole sequence is processed uncached and frame-causal (chunked by `chunk_frames`).
+        With `model.previous_frame_input`, `previous` (B, T, C, h, w) is the latent of the frame before each frame
+        (None: zeros, a first frame).
         """
         B, T, C, H, W = x.shape
         p, (gh, gw) = self.patch, self.grid
         if attention is None:
             attention = self.sequence_attention(B, T, x.device)
-        tokens = self.patch_embed(self._patches(x))  # (B, T, n, D)
-        if self.previous_embed is not None and previous is not None:
-            tokens = tokens + self.previous_embed(self._patches(previous.to(x.dtype)))
-        cond = self.time_embed(timestep_embedding(t, 256).to(x.dtype)) + self.action_embed(actions.to(x.dtype))
-        prompt_tokens = self.prompt_proj(prompt.embeddings.to(x.dtype))  # (B, L, D)
-        for block in self.blocks:
-            tokens = block(tokens, cond, prompt_tokens, prompt.mask, attention)
+        tokens, cond, keys = self._inputs(x, t, actions, prompt, previous)
+        for block, block_keys in zip(self.blocks, keys.keys):
+            tokens = block(tokens, cond, block_keys, keys.mask, attention)
         shift, scale = self.final_modulation(cond)[:, :, None].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(tokens), shift, scale))  # (B, T, n, C p p)
         out = out.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
         return out.reshape(B, T, C, H, W)
+
+    def write_keys(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        prompt: PromptTokens | PromptKeys,
+        attention: AttentionContext,
+        previous: torch.Tensor | None = None,
+    ) -> None:
+        """Hand every block's self-attention keys and values of latents x to a writing attention context (the
+        engine's commit pass), with the arguments of `forward`, and compute nothing the velocity alone needs: the
+        last block stops after its self-attention, and the output layer does not run."""
+        tokens, cond, keys = self._inputs(x, t, actions, prompt, previous)
+        last = len(self.blocks) - 1
+        for i, (block, block_keys) in enumerate(zip(self.blocks, keys.keys)):
+            tokens = block(tokens, cond, block_keys, keys.mask, attention, attention_only=i == last)
+
+    def _inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        prompt: PromptTokens | PromptKeys,
+        previous: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, PromptKeys]:
+        """The blocks' inputs: tokens (B, T, n, D), per-frame conditioning (B, T, D) and the prompt's keys."""
+        tokens = self.patch_embed(self._patches(x))  # (B, T, n, D)
+        if self.previous_embed is not None and previous is not None:
+            tokens = tokens + self.previous_embed(self._patches(previous.to(x.dtype)))
+        cond = self.time_embed(timestep_embedding(t, 256).to(x.dtype)) + self.action_embed(actions.to(x.dtype))
+        keys = self.prompt_keys(prompt) if isinstance(prompt, PromptTokens) else prompt
+        return tokens, cond, keys
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (B, T, C, h, w) -> (B, T, n, C p p), token by token."""

@@ -224,10 +224,36 @@ def test_predict_generates_what_step_would_without_committing(sections: dict) ->
     assert not np.array_equal(again[0], predicted[0])
 
 
+@pytest.mark.parametrize(
+    "sections", [{"cache": {"policy": "dense"}}, {"cache": {"policy": "tempcache"}, "attention": {"annsa": True}}]
+)
+def test_the_commit_pass_writes_what_a_whole_forward_would(sections: dict) -> None:
+    """The commit pass skips the last block's work after its self-attention and the output layer; the caches
+    it leaves are the ones a whole forward leaves."""
+    engine = WorldEngine.from_config(tiny_config(model={"previous_frame_input": True}, **sections))
+    short, whole = engine.new_world("icy cave", seed=0), engine.new_world("icy cave", seed=0)
+    for action in [FORWARD, TURN, IDLE, TURN]:
+        engine.step([short], [action])
+    engine.model.dit.write_keys = lambda *args: engine.model.dit(*args)
+    for action in [FORWARD, TURN, IDLE, TURN]:
+        engine.step([whole], [action])
+    for a, b in zip(short.cache.layers, whole.cache.layers):
+        assert a.length == b.length > 0
+        torch.testing.assert_close(a.key[: a.length], b.key[: b.length], rtol=0, atol=0)
+        torch.testing.assert_close(a.value[: a.length], b.value[: b.length], rtol=0, atol=0)
+
+
 def test_each_frame_is_given_the_latent_of_the_frame_before_it() -> None:
     engine = WorldEngine.from_config(tiny_config(model={"previous_frame_input": True}))
     given: list[torch.Tensor] = []
     engine.model.dit.register_forward_hook(lambda module, args, output: given.append(args[5]))
+    write_keys = engine.model.dit.write_keys  # the commit pass
+
+    def recorded(*args: object) -> None:
+        given.append(args[5])
+        write_keys(*args)
+
+    engine.model.dit.write_keys = recorded
     world = engine.new_world("icy cave", seed=0)
     engine.step([world], [FORWARD])  # 2 denoising passes and the commit pass, all before any frame
     assert len(given) == 3 and not any(p.any() for p in given)
