@@ -19,19 +19,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import AttentionConfig
 from engine.kernels.block_sparse import BlockSparseLayout
 from engine.lsh import LshHasher
 
 
-def _block_membership(hot: torch.Tensor, block: int) -> torch.Tensor:
-    """hot (h, L, P) bool -> (h, ceil(L / block), P): which pairs occur in each block."""
-    h, length, pairs = hot.shape
-    blocks = -(-length // block)
-    padded = F.pad(hot, (0, 0, 0, blocks * block - length))
-    return padded.view(h, blocks, block, pairs).any(dim=2)
+def _block_buckets(ids: torch.Tensor, block: int, buckets: int, prefix: int = 0) -> torch.Tensor:
+    """Which buckets occur in each block of a token sequence: ids (H, L, m) int64, m bucket ids per token, after
+    `prefix` tokens holding none -> (H, ceil((prefix + L) / block), buckets) float, 1.0 where a bucket occurs."""
+    H, length, m = ids.shape
+    blocks = -(-(prefix + length) // block)
+    after = blocks * block - prefix - length
+    if prefix or after:  # tokens without a bucket point at one extra column, dropped at the end
+        none = ids.new_full((H, 1, m), buckets)
+        ids = torch.cat((none.expand(H, prefix, m), ids, none.expand(H, after, m)), dim=1)
+    hot = ids.new_zeros((H, blocks, buckets + 1), dtype=torch.float32)
+    return hot.scatter_(2, ids.view(H, blocks, block * m), 1.0)[..., :buckets]
 
 
 @dataclass
@@ -58,8 +62,7 @@ class AnnSAPlanner:
         if self.centre:
             rest = rest - rest.mean(dim=1, keepdim=True)
         ids, order = torch.sort(self.hasher.bucket(rest), dim=1, stable=True)  # (h, R) each
-        hot = F.pad(self.hasher.one_hot(ids[..., None]), (0, 0, fixed, 0))  # (h, S, 2^bits); the prefix has none
-        return SortedKeys(order, _block_membership(hot, self.block_k).float(), fixed)
+        return SortedKeys(order, _block_buckets(ids[..., None], self.block_k, self.hasher.buckets, fixed), fixed)
 
     def layout(self, q: torch.Tensor, keys: SortedKeys) -> tuple[torch.Tensor, BlockSparseLayout]:
         """q (P h, N, d) rotated, the queries of P passes over the same keys (h heads each, pass-major) -> the
@@ -69,8 +72,8 @@ class AnnSAPlanner:
             q = q - q.mean(dim=1, keepdim=True)
         ids = self.hasher.probe(q, self.probes)  # (P h, N, 1 + probes): own bucket first
         order = torch.sort(ids[..., 0], dim=1, stable=True).indices  # (P h, N)
-        hot = self.hasher.one_hot(torch.take_along_dim(ids, order[..., None], dim=1))  # (P h, N, 2^bits)
-        membership = _block_membership(hot, self.block_q).float().unflatten(0, (-1, heads))  # (P, h, QB, 2^bits)
+        ids = torch.take_along_dim(ids, order[..., None], dim=1)  # in query order
+        membership = _block_buckets(ids, self.block_q, self.hasher.buckets).unflatten(0, (-1, heads))  # (P, h, QB, 2^b)
         selected = (membership @ keys.blocks.transpose(1, 2)).flatten(0, 1) > 0  # (P h, QB, KB)
         selected[..., : -(-keys.fixed // self.block_k)] = True  # sinks and the current chunk
         return order, BlockSparseLayout(selected, self.block_q, self.block_k)

@@ -128,18 +128,17 @@ class SparseAttention:
         slots.key[:p, :, current] = k.transpose(1, 2)
         slots.value[:p, :, current] = v.transpose(1, 2)
         key, value, bias = (t[:p].flatten(0, 1) for t in (slots.key, slots.value, slots.bias))  # (P h, S, ...)
-        q_order, layout = self.annsa.layout(q.transpose(1, 2).reshape(p * h, n, d), slots.keys)  # rows P h
-        # row (i h + j) + n h p of the (P N h, d) view: token i of head j in pass p
-        heads = torch.arange(p * h, device=q.device)[:, None]
-        q_rows = (q_order * h + heads % h + heads // h * (n * h)).flatten()
-        q_sorted = q.reshape(p * n * h, d).index_select(0, q_rows).view(p * h, n, d)
+        q_heads = q.transpose(1, 2).reshape(p * h, n, d)  # rows P h, pass-major
+        q_order, layout = self.annsa.layout(q_heads, slots.keys)
+        rows = q_order[..., None].expand(-1, -1, d)  # (P h, N, d): sorted row r of a head is its query q_order[r]
+        q_sorted = q_heads.gather(1, rows)
         out_sorted = self.kernel(q_sorted, key, value, bias, layout)
-        out = torch.empty_like(q).view(p * n * h, d).index_copy_(0, q_rows, out_sorted.reshape(p * h * n, d))
+        out = torch.empty_like(q_heads).scatter_(1, rows, out_sorted)  # back in query order, (P h, N, d)
         if self.meter is not None:
             logits = q_sorted.float() @ key.float().transpose(1, 2) / math.sqrt(d)
             probabilities = torch.softmax(logits + bias[:, None, :], dim=-1)
             self.meter.record("annsa", layer, probabilities, layout.token_mask(n, key.shape[1]))
-        return out.view(p, n, h, d)
+        return out.view(p, h, n, d).transpose(1, 2)
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

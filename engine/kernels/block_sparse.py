@@ -67,11 +67,16 @@ def block_sparse_attention_torch(
 
     It computes every query-key pair and saves no arithmetic (the Triton kernel is what skips blocks), but on a CPU
     at one frame's queries it is the faster form: gathering each query block's key tiles instead copies the
-    selected keys once per query block (docs/engine.md, "Step time on a CPU"). Memory: one (h, N, S) float32 mask.
+    selected keys once per query block (docs/engine.md, "Step time on a CPU"). Memory: one (h, N, S) float32 logit bias.
     Computes in float32 (SDPA would round the log m bias to a bf16 mask otherwise).
     """
     n, s = q.shape[1], k.shape[1]
-    logit_bias = torch.where(layout.token_mask(n, s), bias.float()[:, None, :], float("-inf"))  # (h, N, S)
+    h, kb, bk = layout.mask.shape[0], layout.mask.shape[2], layout.block_k
+    # the (h, N, S) logit bias in one full-size operation: each query row's block row (0 or -inf per key block)
+    # plus each key's own bias, the keys padded to whole blocks
+    rows = torch.where(layout.mask, 0.0, float("-inf")).repeat_interleave(layout.block_q, dim=1)[:, :n]  # (h, N, KB)
+    keys = F.pad(bias.float(), (0, kb * bk - s)).view(h, 1, kb, bk)
+    logit_bias = (rows[..., None] + keys).flatten(2)[..., :s]  # (h, N, S)
     # 4D inputs: on the CPU only these reach the fused (flash) kernel
     out = F.scaled_dot_product_attention(q.float()[None], k.float()[None], v.float()[None], attn_mask=logit_bias[None])
     return out[0].to(q.dtype)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import IDLE, WorldEngine
 from engine.annca import AnnCASelector
@@ -49,11 +50,14 @@ def test_annsa_with_every_block_selected_equals_dense_attention() -> None:
     torch.testing.assert_close(_sparse_self(sparse, q, k, v, bias, 25), attend(q, k, v, bias), atol=1e-5, rtol=0)
 
 
-def test_annsa_never_drops_a_colliding_pair_and_always_sees_the_prefix() -> None:
+@pytest.mark.parametrize(
+    ("n", "s", "fixed"), [(16, 120, 24), (14, 117, 21)], ids=["whole-blocks", "partial-blocks-and-prefix"]
+)
+def test_annsa_never_drops_a_colliding_pair_and_always_sees_the_prefix(n: int, s: int, fixed: int) -> None:
     torch.manual_seed(1)
     config = AttentionConfig(annsa=True, block_q=4, block_k=8, lsh_bits=3, lsh_probes=1)
     planner = AnnSAPlanner(config, head_dim=16)
-    h, n, s, fixed = 2, 16, 120, 24
+    h = 2
     q, k = torch.randn(h, n, 16), torch.randn(h, s, 16)
     q_order, k_order, layout = planner.plan(q, k, fixed)
     computed = layout.token_mask(n, s)  # (h, N, S) in sorted order
@@ -68,6 +72,10 @@ def test_annsa_never_drops_a_colliding_pair_and_always_sees_the_prefix() -> None
     assert not (collide_sorted & ~computed).any()
     assert computed[:, :, :fixed].all()
     assert computed.float().mean() < 0.8, "with 8 buckets and one probe much must be skipped"
+    # and nothing more: a block pair is selected exactly when one of its pairs collides (the prefix collides always)
+    qb, kb = layout.mask.shape[1:]
+    padded = F.pad(collide_sorted, (0, kb * 8 - s, 0, qb * 4 - n))
+    assert torch.equal(layout.mask, padded.view(h, qb, 4, kb, 8).any(dim=(2, 4)))
     # keys after the prefix are sorted by bucket, so selected keys form tiles
     sorted_ids = k_ids.gather(1, k_order[:, fixed:] - fixed)
     assert (sorted_ids[:, 1:] >= sorted_ids[:, :-1]).all()
