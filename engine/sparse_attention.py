@@ -2,9 +2,9 @@
 
 Schedule (FAST-AR section 6.1, following SVG): attention stays dense for the first round(dense_step_fraction x
 steps) denoising steps, where the sample is mostly noise and attention is broad, and in the blocks listed in
-`dense_layers`; the commit pass (step index = steps) counts as the last step. With the default 4-step sampler and
-a fraction of 0.3, round(1.2) = 1: step 0 is dense, steps 1-3 and the commit pass are sparse (25% of the
-denoising steps dense, the closest a 4-step schedule gets to 30%).
+`dense_layers`; the commit pass (step index = steps) counts as the last step. With the shipped 3-step sampler and
+a fraction of 0.3, round(0.9) = 1: step 0 is dense, steps 1-2 and the commit pass are sparse (a third of the
+denoising steps dense, the closest a 3-step schedule gets to 30%).
 
 Kernel: the torch reference everywhere, or the Triton kernel (`attention.kernel`: auto picks Triton on CUDA).
 Both take the same `BlockSparseLayout`; the caller never branches on which one runs.
