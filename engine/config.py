@@ -132,7 +132,7 @@ class ModelConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    steps: int = Field(4, ge=1, description="denoising steps per chunk (count)")
+    steps: int = Field(3, ge=1, description="denoising steps per chunk (count)")
     shift: float = Field(1.0, gt=0, description="timestep shift; >1 spends more steps at high noise (unitless)")
     context_noise: float = Field(
         0.0, ge=0, lt=1, description="noise level at which finished frames are written into the cache (0 = clean)"
