@@ -56,13 +56,9 @@ COPY configs configs
 COPY models models
 RUN mkdir weights
 
-# glibc serves allocations of 64 KiB and more from mmap: a `tempcache` world's attention buffers change size every
-# frame, and from the heap they fragmented it (process RSS 347 -> 1023 MiB over 2000 frames on the CPU; flat with
-# this, for a few percent of step time; docs/server.md, "Memory")
 ENV WORLDSERVE_HOST=0.0.0.0 \
     WORLDSERVE_PORT=8000 \
-    WORLDSERVE_CONFIG=/app/configs/default.yaml \
-    MALLOC_MMAP_THRESHOLD_=65536
+    WORLDSERVE_CONFIG=/app/configs/default.yaml
 USER 10001:10001
 EXPOSE 8000
 # Liveness: /healthz answers 503 when the engine thread has stalled (urlopen then raises). The start period covers

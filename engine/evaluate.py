@@ -47,6 +47,7 @@ from engine.bench_rollout import PSNR_CAP_DB
 from engine.config import ATTENTION_PRESETS, WorldConfig, with_overrides
 from engine.dataset import THEME_NAMES, Episode, episode_actions, heldout_spec, is_heldout, record, record_episode
 from engine.game import Game
+from engine.rollout import FrameRecorder
 from engine.world_engine import WorldEngine
 
 EVAL_FORMAT = "worldserve-eval/1"
@@ -534,11 +535,11 @@ def stability(
         sibling = engine.sibling(with_overrides(config, ATTENTION_PRESETS[name], f"<policy {name}>"))
         world = sibling.new_world(game.prompt, seed=0)
         sibling.observe(world, game.frames[:T], actions[:T])
-        frames, seconds = [], []
+        recorder, seconds = FrameRecorder(last - T, *game.frames.shape[1:3]), []
         began = time.perf_counter()
         for start in range(T, last, T):
             stepped = time.perf_counter()
-            frames.extend(sibling.step([world], [actions[start : start + T]])[0])
+            recorder.extend(sibling.step([world], [actions[start : start + T]])[0])
             seconds.extend([time.perf_counter() - stepped] * T)  # per frame: its chunk's step time
             if (start // T) % 500 == 0:
                 log(f"  stability {name}: frame {start}/{last} ({time.perf_counter() - began:.0f} s)")
@@ -547,7 +548,7 @@ def stability(
             speed = {"fps": round(T / float(np.median(window)), 2), "frame": fps_start, "frames": len(window)}
         if timing_only:
             continue
-        stats = statistics(np.stack(frames))
+        stats = statistics(recorder.frames)
         checks = stability_check(stats, bounds)
         motion = share_of_game(stats["change"], game_stats["change"])
         detail = share_of_game(stats["detail"], game_stats["detail"])

@@ -60,6 +60,7 @@ from engine.evaluate import (  # noqa: E402
 from engine.game import START_FRAMES, start_view  # noqa: E402
 from engine.kv_cache import KVView, LayerCache  # noqa: E402
 from engine.policies import CachePolicy  # noqa: E402
+from engine.rollout import FrameRecorder  # noqa: E402
 from server.cli import _override  # noqa: E402  (worldserve's own KEY=VALUE parser)
 
 
@@ -104,8 +105,10 @@ def positions(base: WorldEngine, policy: str, frames: int, max_distance: int) ->
             engine.policy = RecentPositions(engine.policy, max_distance)
         world = engine.new_world(game.prompt, seed=0)
         engine.observe(world, game.frames[:1], actions[:1])
-        generated = [engine.step([world], [actions[i : i + 1]])[0][0] for i in range(1, frames)]
-        stats = frame_statistics(np.stack(generated), game.frames[0])
+        generated = FrameRecorder(frames - 1, *game.frames.shape[1:3])
+        for i in range(1, frames):
+            generated.extend(engine.step([world], [actions[i : i + 1]])[0])
+        stats = frame_statistics(generated.frames, game.frames[0])
         mean = rolling_mean(stats["mean"])
         series = stats["mean"][100:] - stats["mean"][100:].mean()  # past the start-up, linear trend removed
         t = np.arange(len(series))
@@ -170,8 +173,10 @@ def starts(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
         world = base.new_world(game.prompt, seed=0, init_frames=begin)
         if context:
             base.observe(world, game.frames[:context], actions[:context])
-        generated = [base.step([world], [actions[i : i + 1]])[0][0] for i in range(context, frames)]
-        made = np.concatenate([game.frames[:context], np.stack(generated)])  # indexed like the game's frames
+        generated = FrameRecorder(frames - context, *game.frames.shape[1:3])
+        for i in range(context, frames):
+            generated.extend(base.step([world], [actions[i : i + 1]])[0])
+        made = np.concatenate([game.frames[:context], generated.frames])  # indexed like the game's frames
         rows.append(made)
         stats = statistics(made)
         report[name] = {
@@ -204,7 +209,7 @@ def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     first = 8  # true frames before the first compared one
     views, indices = stability_views(base.config, game, base.config.model.actions.keys), list(range(first, frames))
     decoded = through_autoencoder(base.model.autoencoder, game.frames)
-    forced, rolled = [], []
+    forced, rolled = (FrameRecorder(frames - first, *game.frames.shape[1:3]) for _ in range(2))
     for made, teacher in ((forced, True), (rolled, False)):
         world = base.new_world(game.prompt, seed=0)
         base.observe(world, game.frames[:first], actions[:first])
@@ -215,7 +220,7 @@ def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
             else:
                 made.extend(base.step([world], [actions[i : i + 1]])[0])
     rows = {"game": game.frames[first:], "through the autoencoder": decoded[first:]}
-    rows |= {"teacher-forced": np.stack(forced), "open loop": np.stack(rolled)}
+    rows |= {"teacher-forced": forced.frames, "open loop": rolled.frames}
     blocks = (frames - first) // 8 * 8
 
     def statistics(made: np.ndarray) -> dict[str, np.ndarray]:

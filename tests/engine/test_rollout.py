@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from engine import WorldEngine
-from engine.rollout import load_actions, random_actions, run_rollout, save_actions
+from engine.rollout import FrameRecorder, load_actions, random_actions, run_rollout, save_actions
 
 
 def _frames(folder: Path) -> list[np.ndarray]:
@@ -40,6 +40,19 @@ def test_replaying_recorded_actions_reproduces_the_frames(tiny_engine: WorldEngi
     assert replayed == random_actions(8, seed=1)
     run_rollout(tiny_engine, replayed, tmp_path / "b", seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(_frames(tmp_path / "a"), _frames(tmp_path / "b")))
+
+
+def test_frame_recorder_copies_frames_into_one_array() -> None:
+    recorder = FrameRecorder(3, 4, 5)
+    assert len(recorder) == 0 and recorder.frames.shape == (0, 4, 5, 3)
+    first = [np.full((4, 5, 3), 7, np.uint8), np.full((4, 5, 3), 9, np.uint8)]
+    recorder.extend(first)
+    first[0][:] = 0  # the engine's arrays may be reused or freed: the recorder holds copies
+    recorder.extend([np.full((4, 5, 3), 11, np.uint8)])
+    assert recorder.frames.dtype == np.uint8 and [int(f.max()) for f in recorder.frames] == [7, 9, 11]
+    with pytest.raises(ValueError, match="4 frames do not fit a recorder of 3"):
+        recorder.extend([first[1]])
+    assert len(recorder) == 3
 
 
 def test_random_actions_are_seeded_and_sticky() -> None:
