@@ -114,6 +114,22 @@ class StepSlots:
         self._slots[(world, layer)] = slots
         return slots
 
+    def drop(self, world: int, layer: int) -> None:
+        self._slots.pop((world, layer), None)
+
+    def of_world(self, world: int) -> dict[int, RotatedSlots]:
+        """World `world`'s slots, per layer: what a later commit pass of the chunk this step made reads."""
+        return {layer: slots for (w, layer), slots in self._slots.items() if w == world}
+
+    @classmethod
+    def of_worlds(cls, worlds: Sequence[dict[int, RotatedSlots]]) -> StepSlots:
+        """The slots `of_world` kept for each of a batch's worlds, world b's as world b's."""
+        shared = cls()
+        for b, layers in enumerate(worlds):
+            for layer, slots in layers.items():
+                shared.put(b, layer, slots)
+        return shared
+
 
 class CachedAttention:
     """One forward over B worlds: pos (B, N, 3) of the current chunk, whose first frame is `first_frames[b]`.
@@ -192,11 +208,49 @@ class CachedAttention:
                 out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
             if self.write:
                 self.policy.commit(self.caches[b].layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
+                self.shared.drop(b, layer)  # stale now that the cache has changed; freed layer by layer
         return out
+
+    def cross_sparse(self, layer: int) -> bool:
+        """Whether AnnCA prunes the prompt in this layer of this forward."""
+        return self.sparse is not None and self.sparse.cross_sparse(layer, self.step)
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        if self.sparse is not None and self.sparse.cross_sparse(layer, self.step):
+        if self.cross_sparse(layer):
             return self.sparse.cross_attention(layer, q, k, v, mask)
         return cross_attend(q, k, v, mask)
+
+
+class FoldedCommit:
+    """One forward that denoises and commits: rows [0, split) are a denoising forward's (`denoise`), the rows
+    after them the commit pass (`commit`, write=True) of the chunks some of the same worlds generated in their
+    previous step. In every layer the commit rows attend and write first, so the denoising rows read the caches as
+    written, exactly as if the commit pass had run on its own before the forward; the two share the forward's
+    projections and feed-forward layers instead of running them twice."""
+
+    def __init__(self, denoise: CachedAttention, commit: CachedAttention, split: int) -> None:
+        if not commit.write or denoise.write:
+            raise ValueError("a folded forward holds a denoising context and a writing one, in that order")
+        self.denoise = denoise
+        self.commit = commit
+        self.split = split
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.split
+        committed = self.commit.self_attention(layer, q[s:], k[s:], v[s:])  # writes this layer's caches
+        return torch.cat((self.denoise.self_attention(layer, q[:s], k[:s], v[:s]), committed))
+
+    def cross_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        if not (self.denoise.cross_sparse(layer) or self.commit.cross_sparse(layer)):
+            return cross_attend(q, k, v, mask)  # every row dense: one call
+        s = self.split
+        return torch.cat(
+            (
+                self.denoise.cross_attention(layer, q[:s], k[:s], v[:s], mask[:s]),
+                self.commit.cross_attention(layer, q[s:], k[s:], v[s:], mask[s:]),
+            )
+        )

@@ -143,7 +143,8 @@ def run_rollout(
 
     `write_frames` writes one PNG per frame, `write_npy` all frames as frames.npy, `write_gif` rollout.gif (long
     benchmark runs skip the PNGs and the GIF). Returns what stats.json holds: "frames", one entry per frame, and
-    "summary", which also holds `cache_stats` (`WorldCache.stats()` after the last frame) and, when the engine
+    "summary", which also holds `cache_stats` (`WorldCache.stats()` after the last frame is written; a frame's own
+    `cache_tokens` are counted after its step, which leaves its chunk for the next step to write) and, when the engine
     carries an attention meter (`attention.measure`), `attention` (the meter's summary: density and recall).
     With `stop_on_oom`, running out of memory after the first chunk ends the rollout early instead of failing; the
     summary's `stopped_early` then says at which frame and why (an unbounded cache on a long benchmark run).
@@ -180,6 +181,8 @@ def run_rollout(
                     **({"device_peak_bytes": torch.cuda.max_memory_allocated(engine.device)} if cuda else {}),
                 }
             )
+    if stopped_early is None:
+        engine.flush([world])  # the last chunk waits for a next step that does not come
     frames = recorder.frames
     write_episode(out, frames, actions[: len(frames)], fps, pngs=write_frames, gif=write_gif, npy=write_npy)
     steps = [f["step_ms"] for f in per_frame]

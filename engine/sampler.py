@@ -5,7 +5,8 @@ dx/dt = v and one step from t to t' < t is x <- x + (t' - t) v. Noise levels are
 shifted, t <- shift t / (1 + (shift - 1) t) (SD3's timestep shift; shift 1 leaves them even).
 
 The sampler only runs the loop: it knows nothing of caches, actions or worlds. The caller's `velocity` closes
-over them and must treat the cache as read-only (the engine commits the finished chunk in a separate pass).
+over them; what the caches hold must not change between its calls (the engine's first call may write the chunk
+before, in rows of its own, but before any denoising row reads the cache).
 """
 
 from __future__ import annotations

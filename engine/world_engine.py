@@ -9,7 +9,9 @@ batch; attention runs per world over its own cache length (see engine/attention.
 different times batch together without padding.
 
 `step` is `predict` (denoise and decode the next chunk) followed by the commit (write it into the caches: with
-`sampler.reencode`, the encoding of its decoded frames, as `observe` writes true frames). For
+`sampler.reencode`, the encoding of its decoded frames, as `observe` writes true frames). The commit of a step's
+chunk runs in the first forward of the world's next step, as rows beside the denoising ones (one DiT forward fewer
+per chunk; `flush` runs it at once). For
 evaluation against ground truth the two halves are also public: teacher forcing predicts from the true history and
 then writes the TRUE frame instead of the prediction,
 
@@ -27,10 +29,9 @@ import numpy as np
 import torch
 
 from engine.actions import IDLE, Action
-from engine.attention import CachedAttention, StepSlots
+from engine.attention import CachedAttention, FoldedCommit, RotatedSlots, StepSlots
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
-from engine.dit import PromptKeys
 from engine.kv_cache import WorldCache
 from engine.meter import AttentionMeter
 from engine.model import WorldModel
@@ -38,21 +39,31 @@ from engine.policies import make_policy
 from engine.prompt import PromptTokens
 from engine.sampler import FlowSampler
 from engine.sparse_attention import SparseAttention
-from engine.world import World
+from engine.world import PendingCommit, World
 
 ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
 
 
 @dataclass
 class _Chunk:
-    """A denoised chunk of B worlds, not yet in their caches, and the conditioning its commit pass reuses."""
+    """A denoised chunk of B worlds, not yet in their caches, and what its commit pass reuses."""
 
     clean: torch.Tensor  # (B, T, C, h, w) latents
     actions: torch.Tensor  # (B, T, A)
-    prompt: PromptKeys  # the worlds' own prompts, (B, ...)
-    pos: torch.Tensor  # (B, N, 3)
-    first_frames: list[int]
-    shared: StepSlots  # rotated cache slots, shared by the denoising passes and the commit pass
+    shared: StepSlots  # rotated cache slots, read by the denoising passes and then by the commit pass
+
+
+@dataclass
+class _Commit:
+    """The commit pass of the pending chunks of some worlds, as rows of a DiT forward: latents x (B', T, C, h, w)
+    at noise levels t (B', T), actions (B', T, A), prompts, previous-frame inputs, and the writing context."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    actions: torch.Tensor
+    prompt: PromptTokens
+    previous: torch.Tensor | None
+    attention: CachedAttention
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +151,8 @@ class WorldEngine:
         (H, W, 3) array. Worlds must be distinct and made by this engine."""
         started = time.perf_counter()
         B, T = len(worlds), self.chunk_frames
-        # 1. denoise the next chunk from each world's own noise (the caches are only read)
+        # 1. denoise the next chunk from each world's own noise; the first forward also writes each world's pending
+        # chunk (the one its previous step made) into its cache, and the caches are only read after that
         chunk = self._denoise(worlds, actions)
         # 2. decode to RGB on the device; with `reencode`, the frames' encoding becomes the history
         decode_started = time.perf_counter()
@@ -149,11 +161,12 @@ class WorldEngine:
         if self.config.sampler.reencode:
             history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
         decoded = time.perf_counter()
-        # 3. one more pass at context noise writes the chunk's keys and values into the caches
-        self._commit(worlds, history, chunk.actions, chunk.prompt, chunk.pos, chunk.first_frames, chunk.shared)
+        # 3. the chunk waits for its commit pass, which the worlds' next step runs in its first forward
+        for b, world in enumerate(worlds):
+            world.pending = self._pending(world, history[b], chunk.actions[b], chunk.shared.of_world(b))
         committed = time.perf_counter()
-        # 4. copy the frames to the host, after the commit is queued so that a GPU has no gap (the copy synchronises;
-        # TempCache and the sparse paths have a few host reads of their own, each commented where it happens)
+        # 4. copy the frames to the host (the copy synchronises; TempCache and the sparse paths have a few host reads
+        # of their own, each commented where it happens)
         frames = self._frames(pixels, B)
         finished = time.perf_counter()
         # 5. advance the worlds
@@ -170,6 +183,7 @@ class WorldEngine:
         writing them into the caches: each world's cache and `frame_index` stay as they were. Each world's random
         generator DOES advance (its noise is drawn), so a later call draws the noise of the chunk after. Returns per
         world its chunk's frames, uint8 (H, W, 3) arrays. Follow with `observe` to write the true frames instead."""
+        self.flush(worlds)
         return self._frames(self._pixels(self._denoise(worlds, actions).clean), len(worlds))
 
     @torch.inference_mode()
@@ -184,14 +198,27 @@ class WorldEngine:
         if len(actions) != len(frames) or not all(isinstance(a, Action) for a in actions):
             raise ValueError(f"observe needs one Action per frame: got {len(actions)} for {len(frames)} frames")
         T = self.chunk_frames
+        self.flush([world])
         latents = self.model.autoencoder.encode(torch.from_numpy(frames)).to(self.dtype)  # (T0, C, h, w)
         for start in range(0, len(frames), T):
-            first_frames = [world.frame_index]
-            pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (1, N, 3)
             encoded = self._encode_actions([world], [actions[start : start + T]])  # (1, T, A)
-            chunk = latents[start : start + T][None]  # (1, T, C, h, w)
-            self._commit([world], chunk, encoded, world.prompt_tokens, pos, first_frames, StepSlots())
+            world.pending = self._pending(world, latents[start : start + T], encoded[0], {})
+            self.flush([world])
             world.frame_index += T
+
+    @torch.inference_mode()
+    def flush(self, worlds: Sequence[World]) -> None:
+        """Write the given worlds' pending chunks into their caches now, in one commit pass. `step` leaves each
+        world's newest chunk pending and writes it in the first forward of the world's next step (one DiT forward
+        fewer per chunk), so a world's cache lags its frames by one chunk between steps; call this before reading
+        a cache (`observe` and `predict` do). Worlds without a pending chunk are left as they are."""
+        pending = [w for w in worlds if w.pending is not None]
+        if pending:
+            commit = self._commit(pending)
+            dit = self.model.dit
+            dit.write_keys(commit.x, commit.t, commit.actions, commit.prompt, commit.attention, commit.previous)
+            for world in pending:
+                world.pending = None
 
     def _denoise(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> _Chunk:
         if len(worlds) != len(actions) or not worlds:
@@ -207,8 +234,12 @@ class WorldEngine:
         # 2. noise from each world's own generator, so a world's frames do not depend on its batch mates
         noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
         previous = self._previous(worlds)
+        # the commit pass of the chunks these worlds made in their previous step, folded into the first forward
+        committing = [w for w in worlds if w.pending is not None]
+        commit = self._commit(committing) if committing else None
 
-        # 3. denoise; the caches are only read, and their rotated slots are shared by the passes
+        # 3. denoise; after the first forward's commit rows the caches are only read, and their rotated slots are
+        # shared by the passes
         shared = StepSlots()
 
         # the passes of a denoising step: the conditioned one, then those guidance compares it with. Every pass
@@ -221,15 +252,27 @@ class WorldEngine:
         if action_guidance:  # action guidance: standing still is the action's null; a world standing still is unchanged
             passes.append((prompt, self._idle_actions.expand(B, -1, -1)))
         P = len(passes)
-        given = PromptTokens.stack([p for p, _ in passes]) if P > 1 else prompt
-        keys = self.model.dit.prompt_keys(given)  # once per step: every forward of the step reads them
+        given = [p for p, _ in passes] + ([] if commit is None else [commit.prompt])
+        # once per step: every forward of the step reads them (the commit rows' only the first)
+        every_key = self.model.dit.prompt_keys(PromptTokens.stack(given) if len(given) > 1 else prompt)
+        keys = every_key.head(P * B)
         acting = torch.cat([a for _, a in passes])  # (P B, T, A)
         previous_rows = None if previous is None else previous.repeat(P, 1, 1, 1, 1)
 
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step, passes=P)
             rows = x.repeat(P, 1, 1, 1, 1)  # (P B, T, C, h, w)
-            v = self.model.dit(rows, x.new_full((P * B, T), t), acting, keys, attention, previous_rows).chunk(P)
+            levels = x.new_full((P * B, T), t)
+            if step == 0 and commit is not None:  # the commit rows after the denoising ones
+                attention = FoldedCommit(attention, commit.attention, P * B)
+                rows, levels = torch.cat((rows, commit.x)), torch.cat((levels, commit.t))
+                inputs = torch.cat((acting, commit.actions)), every_key
+                before = None if previous_rows is None else torch.cat((previous_rows, commit.previous))
+                v = self.model.dit(rows, levels, *inputs, attention, before)[: P * B].chunk(P)
+                for world in committing:
+                    world.pending = None
+            else:
+                v = self.model.dit(rows, levels, acting, keys, attention, previous_rows).chunk(P)
             v_prompt, guided, rest = v[0], v[0], list(v[1:])
             if guidance != 1.0:
                 v_free = rest.pop(0)
@@ -239,7 +282,7 @@ class WorldEngine:
             return guided
 
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
-        return _Chunk(clean, encoded, keys.head(B), pos, first_frames, shared)  # the first pass: own prompts
+        return _Chunk(clean, encoded, shared)
 
     def _previous(self, worlds: Sequence[World]) -> torch.Tensor | None:
         """With `model.previous_frame_input`: each world's latest committed latent (zeros before its first frame),
@@ -290,26 +333,37 @@ class WorldEngine:
             self.model.dit.rope, self.policy, caches, pos, first_frames, write, shared, self.sparse, step, passes
         )
 
-    def _commit(
-        self,
-        worlds: Sequence[World],
-        clean: torch.Tensor,
-        actions: torch.Tensor,
-        prompt: PromptTokens | PromptKeys,
-        pos: torch.Tensor,
-        first_frames: list[int],
-        shared: StepSlots,
-    ) -> None:
-        previous = self._previous(worlds)  # the frame before the chunk, as its denoising passes saw it
+    def _pending(
+        self, world: World, history: torch.Tensor, actions: torch.Tensor, slots: dict[int, RotatedSlots]
+    ) -> PendingCommit:
+        """A chunk of `world` that its cache is to receive, history (T, C, h, w) clean, with its actions (T, A) and
+        the slots its denoising read ({} for none): re-noised to `sampler.context_noise` (drawn from the world's
+        generator now, as the chunk's noise was), and its last frame the previous-frame input of the next chunk."""
+        previous = self._previous([world])  # the frame before the chunk, as its denoising passes saw it
         if previous is not None:
-            for world, latest in zip(worlds, clean[:, -1]):  # the chunk's last frame, before any context noise
-                world.last_latent = latest
+            world.last_latent = history[-1]  # the chunk's last frame, before any context noise
         level = self.sampler.context_noise
         if level > 0:
-            clean = self.sampler.noised(clean, torch.stack([self._noise(w) for w in worlds]), level)
-        # the commit pass counts as the step after the last denoising step
+            history = self.sampler.noised(history, self._noise(world), level)
+        previous = None if previous is None else previous[0]
+        return PendingCommit(history, actions, world.prompt_tokens, previous, world.frame_index, slots)
+
+    def _commit(self, worlds: Sequence[World]) -> _Commit:
+        """The commit pass of the worlds' pending chunks, as DiT rows and a writing attention context (the pass
+        counts as the step after the last denoising step, for the sparse schedule)."""
+        pending = [w.pending for w in worlds]
+        assert all(p is not None for p in pending), "every world of a commit pass has a pending chunk"
+        first_frames = [p.first_frame for p in pending]
+        pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), self.chunk_frames)
+        shared = StepSlots.of_worlds([p.slots for p in pending])
+        for p in pending:
+            p.slots = {}  # the commit pass frees them layer by layer as it writes
         attention = self._attention(worlds, pos, first_frames, shared, write=True, step=self.sampler.steps)
-        self.model.dit.write_keys(clean, clean.new_full(clean.shape[:2], level), actions, prompt, attention, previous)
+        x = torch.stack([p.history for p in pending])  # (B', T, C, h, w)
+        previous = None if pending[0].previous is None else torch.stack([p.previous for p in pending])
+        prompt = PromptTokens.stack([p.prompt for p in pending])
+        actions = torch.stack([p.actions for p in pending])
+        return _Commit(x, x.new_full(x.shape[:2], self.sampler.context_noise), actions, prompt, previous, attention)
 
     def _checked_frames(self, frames: np.ndarray, name: str) -> np.ndarray:
         """`frames` as a uint8 (T, H, W, 3) array of the model's frame size, T a positive multiple of chunk_frames."""

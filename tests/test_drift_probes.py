@@ -33,6 +33,7 @@ def test_the_presented_positions_are_clamped_and_the_stored_ones_are_not() -> No
     world = engine.new_world("icy cave", seed=0)
     for _ in range(5):
         engine.step([world], [IDLE])
+    engine.flush([world])
     layer = world.cache.layers[0]
     view = engine.policy.view(layer)
     assert view.pos[:, 0].min() == 5 - 2 and layer.pos[: layer.length, 0].min() == 0

@@ -18,11 +18,13 @@ def test_window_bytes_after_ten_times_capacity_equal_bytes_at_capacity() -> None
     capacity_frames = 1 + 3
     for _ in range(capacity_frames):
         engine.step([world], [IDLE])
+    engine.flush([world])
     at_capacity = (world.cache.nbytes, world.cache.tokens_per_layer())
     assert at_capacity[0] == engine.sizes.capacity_bytes
     for _ in range(9 * capacity_frames):
         engine.step([world], [IDLE])
         assert world.cache.nbytes == at_capacity[0]
+    engine.flush([world])
     assert (world.cache.nbytes, world.cache.tokens_per_layer()) == at_capacity
 
 
@@ -31,6 +33,7 @@ def test_window_keeps_the_sinks_and_the_most_recent_frames() -> None:
     world = engine.new_world(seed=1)
     for _ in range(17):
         engine.step([world], [IDLE])
+    engine.flush([world])
     n = engine.sizes.tokens_per_frame
     for layer in world.cache.layers:
         frames = sorted(set(layer.pos[: layer.length, 0].tolist()))
@@ -46,6 +49,7 @@ def test_dense_grows_with_every_frame_and_reallocates_only_in_chunks() -> None:
     capacities = []
     for frame in range(1, 11):
         engine.step([world], [IDLE])
+        engine.flush([world])
         assert world.cache.tokens_per_layer() == [frame * n] * 2
         capacities.append(world.cache.layers[0].capacity)
     assert capacities == [4 * n] * 4 + [8 * n] * 4 + [12 * n] * 2

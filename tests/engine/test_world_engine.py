@@ -160,7 +160,9 @@ def test_chunks_of_several_frames() -> None:
     [frames] = engine.step([world], [[FORWARD, TURN]])
     assert len(frames) == 2 and world.frame_index == 2
     [frames] = engine.step([world], [IDLE])  # one action for the whole chunk
-    assert len(frames) == 2 and world.cache.tokens_per_layer() == [4 * 16] * 2
+    assert len(frames) == 2 and world.cache.tokens_per_layer() == [2 * 16] * 2  # the newest chunk is pending
+    engine.flush([world])
+    assert world.cache.tokens_per_layer() == [4 * 16] * 2
     with pytest.raises(ValueError, match="expected 1 or 2 actions"):
         engine.step([world], [[FORWARD, TURN, IDLE]])
     with pytest.raises(ValueError, match="multiple of chunk_frames=2"):
@@ -184,7 +186,53 @@ def test_set_prompt_keeps_history(tiny_engine: WorldEngine) -> None:
     tiny_engine.set_prompt(world, "green hedge maze")
     assert world.prompt == "green hedge maze" and world.frame_index == 1
     tiny_engine.step([world], [FORWARD])
+    tiny_engine.flush([world])
     assert world.cache.tokens_per_layer() == [2 * 16] * 2
+
+
+def test_a_pending_chunk_is_written_under_the_prompt_it_was_generated_with(tiny_engine: WorldEngine) -> None:
+    """A chunk waits for the world's next step to be written; a prompt set in between conditions only the chunks
+    after it, exactly as when the chunk is written at once."""
+    folded, flushed = (tiny_engine.new_world(prompt="icy cave", seed=4) for _ in range(2))
+    for world in (folded, flushed):
+        tiny_engine.step([world], [FORWARD])
+        if world is flushed:
+            tiny_engine.flush([world])
+        tiny_engine.set_prompt(world, "neon grid")
+        tiny_engine.step([world], [TURN])
+        tiny_engine.flush([world])
+    for a, b in zip(_cached(folded), _cached(flushed), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    fresh = tiny_engine.new_world(prompt="neon grid", seed=4)
+    tiny_engine.step([fresh], [FORWARD])
+    tiny_engine.flush([fresh])
+    # block 1's keys come after block 0's cross-attention to the prompt
+    assert not torch.allclose(_cached(fresh)[2], _cached(folded)[2][:16], atol=1e-3), "the prompt conditions the cache"
+
+
+def test_a_step_writes_the_chunks_of_its_worlds_previous_steps_in_its_first_forward() -> None:
+    """Batched worlds with and without a pending chunk; the caches and frames equal those of a separate commit
+    pass (the engine before the fold), to float rounding."""
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache"}, attention={"annsa": True}))
+    folded = [engine.new_world("icy cave", seed=1), engine.new_world("neon grid", seed=2)]
+    separate = [engine.new_world("icy cave", seed=1), engine.new_world("neon grid", seed=2)]
+    forwards: list[int] = []
+    engine.model.dit.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+    for i, action in enumerate([FORWARD, TURN, IDLE, TURN, FORWARD, FORWARD, TURN, IDLE]):
+        joined = slice(0, 2 if i >= 2 else 1)  # the second world joins at its own first step
+        forwards.clear()
+        got = engine.step(folded[joined], [action] * len(folded[joined]))
+        rows = forwards[0] - forwards[-1]  # the first forward's extra rows: one commit row per pending chunk
+        assert rows == (0 if i == 0 else 1 if i == 2 else len(folded[joined]))
+        engine.flush(separate[joined])
+        want = engine.step(separate[joined], [action] * len(separate[joined]))
+        for g, w in zip(got, want):
+            assert np.abs(g[0].astype(int) - w[0].astype(int)).max() <= 1
+    engine.flush(folded + separate)
+    for a, b in zip(folded, separate):
+        assert a.pending is None and a.cache.tokens_per_layer() == b.cache.tokens_per_layer()
+        for x, y in zip(_cached(a), _cached(b), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
 # ---- predict and observe: the two halves of step, for teacher forcing ---------------------------------------------
@@ -211,6 +259,7 @@ def test_predict_generates_what_step_would_without_committing(sections: dict) ->
     for world in (predicting, stepping):
         for _ in range(6):  # past a bounded cache's capacity (4 frames), so that TempCache has merged
             engine.step([world], [TURN])
+    engine.flush([predicting])  # predict writes the pending chunk first; nothing after it
     tokens, index = predicting.cache.tokens_per_layer(), predicting.frame_index
     [predicted] = engine.predict([predicting], [chunk])
     assert predicting.cache.tokens_per_layer() == tokens and predicting.frame_index == index
@@ -247,20 +296,16 @@ def test_each_frame_is_given_the_latent_of_the_frame_before_it() -> None:
     engine = WorldEngine.from_config(tiny_config(model={"previous_frame_input": True}))
     given: list[torch.Tensor] = []
     engine.model.dit.register_forward_hook(lambda module, args, output: given.append(args[5]))
-    write_keys = engine.model.dit.write_keys  # the commit pass
-
-    def recorded(*args: object) -> None:
-        given.append(args[5])
-        write_keys(*args)
-
-    engine.model.dit.write_keys = recorded
     world = engine.new_world("icy cave", seed=0)
-    engine.step([world], [FORWARD])  # 2 denoising passes and the commit pass, all before any frame
-    assert len(given) == 3 and not any(p.any() for p in given)
+    engine.step([world], [FORWARD])  # the denoising passes; the chunk waits for the next step to be written
+    assert len(given) == engine.sampler.steps and not any(p.any() for p in given)
     first = world.last_latent.clone()
     given.clear()
     engine.step([world], [TURN])
-    assert len(given) == 3 and all(torch.equal(p[0, 0], first) for p in given)
+    rows = given[-1].shape[0]  # a denoising forward's rows (its guidance passes)
+    assert given[0].shape[0] == rows + 1, "the first forward also writes the pending chunk"
+    assert not given[0][rows].any(), "the pending chunk is the first frame: nothing before it"
+    assert all(torch.equal(p[r, 0], first) for p in given for r in range(rows))
     assert not torch.equal(world.last_latent, first)
     true = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
     engine.observe(world, true, [IDLE, IDLE])
@@ -341,6 +386,7 @@ def test_reencoding_writes_a_generated_chunk_as_observing_its_frames_would(chunk
         predicted = engine.predict([observing], [action])[0]  # the same noise: the worlds' histories are the same
         assert all(np.array_equal(s, p) for s, p in zip(stepped, predicted))
         engine.observe(observing, np.stack(stepped), [action] * chunk_frames)
+    engine.flush([stepping])
     for a, b in zip(_cached(stepping), _cached(observing), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -351,5 +397,6 @@ def test_without_reencoding_the_history_holds_the_denoised_latents() -> None:
     [[frame]] = engine.step([stepping], [FORWARD])
     engine.predict([observing], [FORWARD])
     engine.observe(observing, frame[None], [FORWARD])
+    engine.flush([stepping])
     # decoding to uint8 and encoding again is not the identity: the caches differ
     assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(_cached(stepping), _cached(observing), strict=True))
