@@ -283,9 +283,11 @@ def test_the_commit_pass_writes_what_a_whole_forward_would(sections: dict) -> No
     short, whole = engine.new_world("icy cave", seed=0), engine.new_world("icy cave", seed=0)
     for action in [FORWARD, TURN, IDLE, TURN]:
         engine.step([short], [action])
+        engine.flush([short])  # every chunk through the commit pass on its own, not folded into the next step
     engine.model.dit.write_keys = lambda *args: engine.model.dit(*args)
     for action in [FORWARD, TURN, IDLE, TURN]:
         engine.step([whole], [action])
+        engine.flush([whole])
     for a, b in zip(short.cache.layers, whole.cache.layers):
         assert a.length == b.length > 0
         torch.testing.assert_close(a.key[: a.length], b.key[: b.length], rtol=0, atol=0)
