@@ -101,8 +101,9 @@ class RotatedSlots:
 
 class StepSlots:
     """What the passes of one engine step share: per world and layer, the visible slots rotated (and sorted for
-    AnnSA) once. Valid for one step: the cache is read-only while denoising, and in the commit pass a layer writes
-    only after it has attended. A new step needs a new StepSlots."""
+    AnnSA) once. Valid until the cache changes: it is read-only while denoising, and the chunk's commit pass (run in
+    the world's next step, `World.pending`) reads the same slots, each layer writing only after it has attended and
+    then dropping its stale slots. A new step needs a new StepSlots."""
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, int], RotatedSlots] = {}
