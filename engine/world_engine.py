@@ -262,17 +262,17 @@ class WorldEngine:
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             attention = self._attention(worlds, pos, first_frames, shared, write=False, step=step, passes=P)
             rows = x.repeat(P, 1, 1, 1, 1)  # (P B, T, C, h, w)
-            levels = x.new_full((P * B, T), t)
-            if step == 0 and commit is not None:  # the commit rows after the denoising ones
+            levels, given_actions, given_keys, before = x.new_full((P * B, T), t), acting, keys, previous_rows
+            folded = step == 0 and commit is not None
+            if folded:  # the commit rows after the denoising ones
                 attention = FoldedCommit(attention, commit.attention, P * B)
                 rows, levels = torch.cat((rows, commit.x)), torch.cat((levels, commit.t))
-                inputs = torch.cat((acting, commit.actions)), every_key
-                before = None if previous_rows is None else torch.cat((previous_rows, commit.previous))
-                v = self.model.dit(rows, levels, *inputs, attention, before)[: P * B].chunk(P)
+                given_actions, given_keys = torch.cat((acting, commit.actions)), every_key
+                before = None if before is None else torch.cat((before, commit.previous))
+            v = self.model.dit(rows, levels, given_actions, given_keys, attention, before)[: P * B].chunk(P)
+            if folded:
                 for world in committing:
                     world.pending = None
-            else:
-                v = self.model.dit(rows, levels, acting, keys, attention, previous_rows).chunk(P)
             v_prompt, guided, rest = v[0], v[0], list(v[1:])
             if guidance != 1.0:
                 v_free = rest.pop(0)
