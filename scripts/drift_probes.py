@@ -5,6 +5,7 @@ tools, not part of the engine. Each prints one JSON object; run from the reposit
     python scripts/drift_probes.py annsa --frames 1000
     python scripts/drift_probes.py starts --frames 200 --image docs/images/drift_starts.png
     python scripts/drift_probes.py stages --frames 48 --every 4 --image docs/images/drift_stages.png
+    python scripts/drift_probes.py autoencoder --frames 2000
 
 `positions`: one open-loop rollout under the actions of `worldserve eval`'s stability episode (held-out maze 0),
 once as configured and once with every cached frame presented at most `--max-distance` frames before the frame
@@ -26,6 +27,12 @@ summarise, to look at.
 decoded by the autoencoder, predicted teacher-forced (each from the true history), and rolled out open loop; per
 row its PSNR against the game, its detail as a share of the game's and its view drop (the evaluation's statistics),
 in all and per 8 frames; with `--image` the game's row and the three, every `--every` frames, at twice the size.
+
+`autoencoder`: the ceiling a model drawing through the config's autoencoder has: the stability episode's frames
+and 4 held-out episodes of 128 frames (the evaluation's first four), encoded and decoded; their PSNR against the
+game, detail as a share of the game's and, for the stability episode, the view drop (the evaluation's
+`game_through_autoencoder`). To measure a training run's autoencoder: `--config RUN/config.yaml --set
+runtime.checkpoint=RUN/model.safetensors`.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import WorldEngine, load_config  # noqa: E402
 from engine.config import ATTENTION_PRESETS, with_overrides  # noqa: E402
-from engine.dataset import episode_actions  # noqa: E402
+from engine.dataset import episode_actions, heldout_spec, record  # noqa: E402
 from engine.evaluate import (  # noqa: E402
     frame_statistics,
+    nearest_view,
     psnr,
     rolling_mean,
     rollout_statistics,
@@ -246,9 +254,28 @@ def stages(base: WorldEngine, frames: int, every: int, image: str | None) -> dic
     return {"policy": base.policy.name, "prompt": game.prompt, "first_frame": first, "frames": frames, "stages": report}
 
 
+def autoencoder(base: WorldEngine, frames: int) -> dict:
+    game, _ = _game(base, frames)
+    keys, size = base.config.model.actions.keys, game.frames.shape[1:3]
+    heldout = np.concatenate([record(heldout_spec(i), 128, size, keys).frames for i in range(4)])
+    views, indices = stability_views(base.config, game, keys), list(range(frames))
+    report = {"latent_channels": base.config.model.autoencoder.latent_channels, "frames": frames}
+    for name, true in (("stability_episode", game.frames), ("heldout_episodes", heldout)):
+        decoded = through_autoencoder(base.model.autoencoder, true)
+        made, real = frame_statistics(decoded, decoded[0]), frame_statistics(true, true[0])
+        report[name] = {
+            "psnr_db": round(psnr(decoded, true), 2),
+            "detail_share": round(share_of_game(made["detail"], real["detail"]), 3),
+        }
+        if name == "stability_episode":
+            drop = view_drop(nearest_view(decoded, views, indices), nearest_view(true, views, indices))
+            report[name]["view_drop_db"] = round(drop, 2)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["positions", "annsa", "starts", "stages"])
+    parser.add_argument("probe", choices=["positions", "annsa", "starts", "stages", "autoencoder"])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument(
         "--policy",
@@ -269,6 +296,8 @@ def main() -> None:
         print(json.dumps(starts(base, args.frames, args.every, args.image)))
     elif args.probe == "stages":
         print(json.dumps(stages(base, args.frames, args.every, args.image)))
+    elif args.probe == "autoencoder":
+        print(json.dumps(autoencoder(base, args.frames)))
     else:
         print(json.dumps(annsa(base, args.frames)))
 

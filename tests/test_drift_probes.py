@@ -53,3 +53,14 @@ def test_the_starts_probe_scores_only_the_frames_each_start_generated() -> None:
         assert scored and min(scored) == (8 if context == 8 else 1 if context == 1 else 0), name
     # the start view is the game's first view: the world that begins with it is not the one from the prompt alone
     assert result[probes.VIEW]["psnr_db_at_frame"] != result["prompt alone"]["psnr_db_at_frame"]
+
+
+def test_the_autoencoder_probe_scores_a_lossless_autoencoder_as_the_game_itself(monkeypatch) -> None:
+    real = probes.autoencoder(_engine(), 40)
+    assert real["latent_channels"] == tiny_config().model.autoencoder.latent_channels
+    assert set(real) == {"latent_channels", "frames", "stability_episode", "heldout_episodes"}
+    assert 0 < real["heldout_episodes"]["psnr_db"] < 100 and real["stability_episode"]["detail_share"] > 0
+    monkeypatch.setattr(probes, "through_autoencoder", lambda autoencoder, frames: frames.copy())
+    lossless = probes.autoencoder(_engine(), 40)
+    assert lossless["stability_episode"] == {"psnr_db": 100.0, "detail_share": 1.0, "view_drop_db": 0.0}
+    assert lossless["heldout_episodes"] == {"psnr_db": 100.0, "detail_share": 1.0}
