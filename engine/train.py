@@ -795,7 +795,7 @@ class TrainingRun:
         self._phase_log = {}
 
     def _log(self, **fields: Any) -> None:
-        entry = {"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 2), **fields}
+        entry = {"phase": self.phase, "step": self.step, "minutes": round(self.elapsed / 60, 4), **fields}
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 

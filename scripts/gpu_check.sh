@@ -3,21 +3,27 @@
 # 10-minute calls of a lent GPU machine with room for its start):
 #   1. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
 #      background beside 2 (they check results, not speed)
-#   2. fine-tunes of the shipped model on the GPU, side by side, one per training schedule named in RUNS (default:
-#      train_predicted_passes_gpu and train_predicted_context_gpu, the recipes against long-rollout drift that only
-#      ran at CPU scale, docs/training.md; train_previous_frame_gpu is the shipped weights' recipe;
-#      configs/NAME.yaml). A short probe of each
-#      (PROBE_STEPS, default 240) measures the step rate, and each run's dit.steps is then set so that it ends in
-#      about TRAIN_SECONDS (default 300 s): its schedule (warm-up, cosine decay) is the config's, over those
-#      steps. Weights: NAME/model.safetensors
+#   2. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
+#      train_scratch_gpu, a new model from scratch on a wider latent, and train_predicted_passes_gpu, the recipe
+#      against long-rollout drift that only ran at CPU scale, docs/training.md; train_previous_frame_gpu is the
+#      shipped weights' recipe). A schedule that trains the autoencoder starts from scratch under the world-config
+#      overrides in SCRATCH_SET (default: model.autoencoder.latent_channels=32); any other fine-tunes the shipped
+#      model. A short probe of each run (PROBE_STEPS per phase, default 240) measures each phase's step rate, and
+#      each phase's steps are then set so that the run ends in about TRAIN_SECONDS (default 300 s), split between
+#      the phases of a run from scratch as SCRATCH_SHARES says (default "0.25 0.1 0.65": autoencoder, decoder,
+#      DiT): each phase's schedule (warm-up, cosine decay) is the config's, over those steps.
+#      Weights: NAME/model.safetensors, with NAME/config.yaml the world config to load them with.
 #   3. the FAST-AR rollout benchmark of the default model on the GPU, ROLLOUT_FRAMES frames (default 1000)
 #   4. the serving benchmark on the GPU: 1 and then 8 simulated realtime players against `worldserve serve`
 #   5. the rollout benchmark of a model shaped like Wan2.1-1.3B (configs/wan_1_3b_shape.yaml, random weights: speed
 #      and memory only) in the time that is left
 # Each step runs under its own time limit; a step that fails is reported and the others still run.
 # Usage: scripts/gpu_check.sh [OUT_DIR]   (default: gpu_results/)
-# DEVICE=cpu (with small PROBE_STEPS, TRAIN_SECONDS, ROLLOUT_FRAMES, BUDGET_SECONDS) runs the same steps on a CPU:
-# a dry run of this script, not a measurement.
+# DEVICE=cpu (with small PROBE_STEPS, TRAIN_SECONDS, ROLLOUT_FRAMES and BUDGET_SECONDS, a large PROBE_SECONDS (each
+# probe's time limit, default 240), and POOL_EPISODES, which replaces every schedule's pool size) runs the same
+# steps on a CPU: a dry run of this script, not a measurement.
+# PACK_TO=DIR also packs the results (training states, probe runs and rollout frames left out) into DIR as a tar in
+# 15 MiB parts, the size a lent machine brings back: on it, run `PACK_TO=$OUT scripts/gpu_check.sh`.
 # Uses .venv/bin/python when it exists, else python3 (which must have torch with CUDA, triton, pydantic, pyyaml,
 # safetensors, pillow, numpy, matplotlib, scikit-image, tqdm, pytest, pytest-asyncio, pytest-timeout and the
 # server's packages: fastapi with its opentelemetry-api, uvicorn, websockets, msgpack, pydantic-settings,
@@ -33,7 +39,7 @@ train_seconds=${TRAIN_SECONDS:-300}
 probe_steps=${PROBE_STEPS:-240}
 device=${DEVICE:-cuda}
 export TRAIN_SECONDS=$train_seconds PROBE_STEPS=$probe_steps
-runs=${RUNS:-train_predicted_passes_gpu train_predicted_context_gpu}
+runs=${RUNS:-train_scratch_gpu train_predicted_passes_gpu}
 mkdir -p "$out"
 status=0
 
@@ -60,44 +66,84 @@ timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
     tests/engine/test_ann.py tests/engine/kernels/test_block_sparse.py > "$out/gpu_tests.txt" 2>&1 &
 tests=$!
 
-echo "== 2/5 fine-tuning the shipped model on $device: probe, then ${train_seconds} s runs of $runs"
+echo "== 2/5 training on $device: probe, then ${train_seconds} s runs of $runs"
 # One thread per training process on a GPU: its CPU work is the sampling loop; the episode workers take the other cores.
 [ "$device" = cuda ] && export OMP_NUM_THREADS=1
+# A run whose schedule trains the autoencoder starts from scratch with the world-config overrides in SCRATCH_SET;
+# any other fine-tunes the shipped model.
+scratch_set=${SCRATCH_SET:-model.autoencoder.latent_channels=32}
+run_args() {
+    if "$python" -c "import sys, yaml; sys.exit(yaml.safe_load(open(sys.argv[1]))['autoencoder']['steps'] == 0)" "$1"; then
+        for key in $scratch_set; do printf -- '--set\n%s\n' "$key"; done
+    else
+        printf -- '--init-from\nmodels/default.safetensors\n'
+    fi
+}
+# sized SOURCE DEST [STEPS_BY_PHASE]: the schedule SOURCE with each trained phase's steps replaced, written to DEST;
+# without STEPS_BY_PHASE (a JSON object), the probe's: PROBE_STEPS per phase, a small pool, 6 log lines per phase
+sized() {
+    "$python" - "$@" <<'PY'
+import json, os, sys, yaml
+source, dest = sys.argv[1:3]
+schedule = yaml.safe_load(open(source))
+if len(sys.argv) > 3:
+    steps = json.loads(sys.argv[3])
+else:
+    probe = int(os.environ["PROBE_STEPS"])
+    steps = {phase: probe for phase in ("autoencoder", "decoder", "dit") if schedule.get(phase, {}).get("steps", 0)}
+    schedule.update(pool_episodes=32, log_every=max(1, probe // 6))
+for phase, n in steps.items():
+    schedule[phase]["steps"] = n
+if os.environ.get("POOL_EPISODES"):
+    schedule["pool_episodes"] = int(os.environ["POOL_EPISODES"])
+yaml.safe_dump(schedule, open(dest, "w"), sort_keys=False)
+PY
+}
 pids=()
 for run in $runs; do
-    sed -e 's/^pool_episodes: .*/pool_episodes: 32/' -e "s/^log_every: .*/log_every: $((probe_steps / 6))/" \
-        "configs/$run.yaml" > "$out/probe_$run.yaml"
-    timeout 150 "$python" -m server.cli train --device "$device" --init-from models/default.safetensors \
-        --train-config "$out/probe_$run.yaml" --max-steps "$probe_steps" --out "$out/probe_$run" \
-        > "$out/probe_$run.txt" 2>&1 &
+    sized "configs/$run.yaml" "$out/probe_$run.yaml"
+    mapfile -t args < <(run_args "configs/$run.yaml")
+    timeout "${PROBE_SECONDS:-240}" "$python" -m server.cli train --device "$device" "${args[@]}" \
+        --train-config "$out/probe_$run.yaml" --out "$out/probe_$run" > "$out/probe_$run.txt" 2>&1 &
     pids+=($!)
 done
 wait "${pids[@]}"
-steps=$("$python" - "$out" $runs <<'PY'
+# Each phase's step rate from its probe's log (the first third of its steps warms up kernels and caches). A
+# fine-tune's DiT gets the whole budget; a run from scratch splits it between its phases as SCRATCH_SHARES says
+# (autoencoder, decoder, DiT). 40 s of each phase go to start-up and the pool; 5 % margin for checkpoints and jitter.
+# Prints one line per run: its name and the steps of each phase as JSON.
+plan=$("$python" - "$out" $runs <<'PY'
 import json, os, sys
+import yaml
 out, runs = sys.argv[1], sys.argv[2:]
 seconds, total = float(os.environ["TRAIN_SECONDS"]), int(os.environ["PROBE_STEPS"])
-rates = []
+shares = os.environ.get("SCRATCH_SHARES", "0.25 0.1 0.65").split()
+shares = dict(zip(("autoencoder", "decoder", "dit"), map(float, shares)))
 for run in runs:
-    log = {e["step"]: e["minutes"] for e in map(json.loads, open(f"{out}/probe_{run}/log.jsonl")) if "loss" in e}
-    first = total // 3  # the steps before it warm up kernels and caches
-    rates.append((total - first) / (60 * (log[total] - log[first])))
-    print(f"probe {run}: {rates[-1]:.2f} steps/s", file=sys.stderr)
-# 40 s of each run go to start-up and the pool; 5 % margin for checkpoints and the sampling loop's jitter
-print(int(min(rates) * (seconds - 40) * 0.95))
+    schedule = yaml.safe_load(open(f"configs/{run}.yaml"))
+    phases = [p for p in ("autoencoder", "decoder", "dit") if schedule.get(p, {}).get("steps", 0)]
+    log = [e for e in map(json.loads, open(f"{out}/probe_{run}/log.jsonl")) if "loss" in e]
+    first = total // 3
+    steps = {}
+    for phase in phases:
+        minutes = {e["step"]: e["minutes"] for e in log if e["phase"] == phase}
+        rate = (total - first) / max(1e-3, 60 * (minutes[total] - minutes[first]))
+        share = shares[phase] / sum(shares[p] for p in phases) if len(phases) > 1 else 1.0
+        steps[phase] = max(1, int(rate * (seconds * share - 40) * 0.95))
+        print(f"probe {run} {phase}: {rate:.2f} steps/s -> {steps[phase]} steps", file=sys.stderr)
+    print(run, json.dumps(steps))
 PY
 ) || { echo "gpu_check: the training probe failed (see $out/probe_*.txt)"; tail -n 20 "$out"/probe_*.txt; status=1; }
-if [ -n "${steps:-}" ]; then
-    echo "dit.steps = $steps for each run"
+if [ -n "${plan:-}" ]; then
     pids=()
-    for run in $runs; do
-        "$python" -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['dit']['steps'] = int(sys.argv[2]); \
-yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=False)" "configs/$run.yaml" "$steps" "$out/$run.yaml"
-        timeout $((train_seconds + 60)) "$python" -m server.cli train --device "$device" \
-            --init-from models/default.safetensors --train-config "$out/$run.yaml" \
-            --max-minutes "$(awk "BEGIN { print ($train_seconds + 20) / 60 }")" --out "$out/$run" > "$out/$run.txt" 2>&1 &
+    while read -r run steps; do
+        sized "configs/$run.yaml" "$out/$run.yaml" "$steps"
+        mapfile -t args < <(run_args "configs/$run.yaml")
+        timeout $((train_seconds + 60)) "$python" -m server.cli train --device "$device" "${args[@]}" \
+            --train-config "$out/$run.yaml" --max-minutes "$(awk "BEGIN { print ($train_seconds + 20) / 60 }")" \
+            --out "$out/$run" > "$out/$run.txt" 2>&1 &
         pids+=($!)
-    done
+    done <<< "$plan"
     wait "${pids[@]}"
     for run in $runs; do
         tail -n 3 "$out/$run.txt"
@@ -127,5 +173,12 @@ else
     echo "skipped: out of time"
 fi
 
+if [ -n "${PACK_TO:-}" ]; then
+    # A lent machine brings back at most 8 files of 16 MiB: the results, training states, probe runs and rollout
+    # frames left out, as one tar in 15 MiB parts (cat PACK_TO/results.tar.part-* | tar x)
+    mkdir -p "$PACK_TO"
+    tar cf - --exclude=state.pt --exclude=frames.npy --exclude='probe_*' "$out" | split -b 15M - "$PACK_TO/results.tar.part-" || status=1
+    ls -l "$PACK_TO"
+fi
 echo "gpu_check: results in $out (exit $status)"
 exit $status
