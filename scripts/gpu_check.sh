@@ -114,15 +114,13 @@ wait "${pids[@]}"
 # Prints one line per run: its name and the steps of each phase as JSON.
 plan=$("$python" - "$out" $runs <<'PY'
 import json, os, sys
-import yaml
 out, runs = sys.argv[1], sys.argv[2:]
 seconds, total = float(os.environ["TRAIN_SECONDS"]), int(os.environ["PROBE_STEPS"])
 shares = os.environ.get("SCRATCH_SHARES", "0.25 0.1 0.65").split()
 shares = dict(zip(("autoencoder", "decoder", "dit"), map(float, shares)))
 for run in runs:
-    schedule = yaml.safe_load(open(f"configs/{run}.yaml"))
-    phases = [p for p in ("autoencoder", "decoder", "dit") if schedule.get(p, {}).get("steps", 0)]
     log = [e for e in map(json.loads, open(f"{out}/probe_{run}/log.jsonl")) if "loss" in e]
+    phases = list(dict.fromkeys(e["phase"] for e in log))  # the phases the probe trained, in order
     first = total // 3
     steps = {}
     for phase in phases:
@@ -181,7 +179,8 @@ if [ -n "${PACK_TO:-}" ]; then
     # A lent machine brings back at most 8 files of 16 MiB: the results, training states, probe runs and rollout
     # frames left out, as one tar in 15 MiB parts (cat PACK_TO/results.tar.part-* | tar x)
     mkdir -p "$PACK_TO"
-    tar cf - --exclude=state.pt --exclude=frames.npy --exclude='probe_*' "$out" | split -b 15M - "$PACK_TO/results.tar.part-" || status=1
+    tar cf - --exclude=state.pt --exclude=frames.npy --exclude='probe_*' "$out" \
+        | split -b 15M - "$PACK_TO/results.tar.part-" || status=1
     ls -l "$PACK_TO"
 fi
 echo "gpu_check: results in $out (exit $status)"
