@@ -225,7 +225,11 @@ class RuntimeConfig(_Section):
         "auto", description="compute and cache dtype; auto is float32 on cpu, bfloat16 on cuda"
     )
     checkpoint: Path | None = Field(
-        None, description="safetensors weights, relative to the config file; none = seeded random weights"
+        None,
+        description=(
+            "safetensors weights, relative to the config file (set on the command line: to the working "
+            "directory); none = seeded random weights"
+        ),
     )
     init_seed: int = Field(0, description="seed of the random weights used when there is no checkpoint")
 
@@ -338,20 +342,30 @@ def with_overrides(config: WorldConfig, overrides: dict[str, Any], source: str =
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> WorldConfig:
-    """Load a YAML config; a relative `runtime.checkpoint` is resolved against the file's folder.
+    """Load a YAML config; `overrides` maps dotted keys (``cache.policy``) to values, applied before validation.
 
-    `overrides` maps dotted keys (``cache.policy``) to values and is applied before validation.
+    A relative `runtime.checkpoint` is resolved against the folder of the file that names it, and one given as
+    an override (``--set runtime.checkpoint=runs/x/model.safetensors``) against the working directory, where
+    the person who typed it stands.
     """
     path = Path(path)
     data = read_yaml_mapping(path, "config")
+    _resolve_checkpoint(data, path.parent)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value, str(path))
-    config = parse_config(data, str(path))
-    checkpoint = config.runtime.checkpoint
-    if checkpoint is not None and not checkpoint.is_absolute():
-        runtime = config.runtime.model_copy(update={"checkpoint": (path.parent / checkpoint).resolve()})
-        config = config.model_copy(update={"runtime": runtime})
-    return config
+    _resolve_checkpoint(data, Path.cwd())
+    return parse_config(data, str(path))
+
+
+def _resolve_checkpoint(data: dict[str, Any], folder: Path) -> None:
+    """Make a relative `runtime.checkpoint` path in raw config `data` absolute against `folder`; other values
+    are left for validation to judge."""
+    runtime = data.get("runtime")
+    if not isinstance(runtime, dict):
+        return
+    checkpoint = runtime.get("checkpoint")
+    if isinstance(checkpoint, (str, Path)) and not Path(checkpoint).is_absolute():
+        runtime["checkpoint"] = str((folder / checkpoint).resolve())
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:

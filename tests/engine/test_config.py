@@ -86,6 +86,20 @@ def test_overrides_and_relative_checkpoint(tmp_path: Path) -> None:
         load_config(path, {"cache.polcy": "dense"})
 
 
+def test_checkpoint_override_is_relative_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """`--config runs/x/config.yaml --set runtime.checkpoint=runs/x/model.safetensors` names the file the person
+    typing it sees, not one below the config's folder."""
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    path = write_config(run / "config.yaml", {"runtime": {"checkpoint": None}})
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("runs/x/config.yaml"), {"runtime.checkpoint": "runs/x/model.safetensors"})
+    assert config.runtime.checkpoint == (run / "model.safetensors").resolve()
+    absolute = tmp_path / "elsewhere.safetensors"
+    assert load_config(path, {"runtime.checkpoint": str(absolute)}).runtime.checkpoint == absolute
+    assert load_config(path, {"runtime.checkpoint": None}).runtime.checkpoint is None
+
+
 def test_derived_sizes() -> None:
     sizes = WorldConfig().sizes()
     assert sizes.latent_shape == (16, 8, 8)
