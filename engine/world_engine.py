@@ -150,32 +150,40 @@ class WorldEngine:
         """Advance every world by one chunk in one batched call; returns per world its chunk's frames, each a uint8
         (H, W, 3) array. Worlds must be distinct and made by this engine."""
         started = time.perf_counter()
-        B, T = len(worlds), self.chunk_frames
         # 1. denoise the next chunk from each world's own noise; the first forward also writes each world's pending
         # chunk (the one its previous step made) into its cache, and the caches are only read after that
-        chunk = self._denoise(worlds, actions)
+        chunk = self._denoise(worlds, self._encode_actions(worlds, actions))
         # 2. decode to RGB on the device; with `reencode`, the frames' encoding becomes the history
         decode_started = time.perf_counter()
         pixels = self._pixels(chunk.clean)  # (B T, H, W, 3)
-        history = chunk.clean
-        if self.config.sampler.reencode:
-            history = self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, (B, T))  # (B, T, C, h, w)
+        history = self._history(chunk.clean, pixels)
         decoded = time.perf_counter()
         # 3. the chunk waits for its commit pass, which the worlds' next step runs in its first forward
-        for b, world in enumerate(worlds):
-            world.pending = self._pending(world, history[b], chunk.actions[b], chunk.shared.of_world(b))
+        self._advance(worlds, chunk, history)
         committed = time.perf_counter()
         # 4. copy the frames to the host (the copy synchronises; TempCache and the sparse paths have a few host reads
         # of their own, each commented where it happens)
-        frames = self._frames(pixels, B)
+        frames = self._frames(pixels, len(worlds))
         finished = time.perf_counter()
-        # 5. advance the worlds
         for world in worlds:
-            world.frame_index += T
-            world.stats.frames += T
             world.stats.last_step_ms = (finished - started) * 1e3
             world.stats.last_decode_ms = (decoded - decode_started + finished - committed) * 1e3
         return frames
+
+    @torch.inference_mode()
+    def step_latents(self, worlds: Sequence[World], actions: torch.Tensor) -> torch.Tensor:
+        """`step` for a caller that works in latents, as training on the model's own rollouts does: `actions` are
+        already encoded, (B, T, A) in the action space's encoding, one row per world; returns the latents the worlds'
+        caches receive for the chunk, (B, T, C, h, w) (the denoised ones, or with `reencode` the encoding of their
+        decoded frames), before any context noise. Nothing is decoded otherwise; the step timings are not set."""
+        expected = (len(worlds), self.chunk_frames, self.action_space.dim)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"step_latents needs encoded actions of shape {expected}, got {tuple(actions.shape)}")
+        chunk = self._denoise(worlds, actions.to(self.device, self.dtype))
+        pixels = self._pixels(chunk.clean) if self.config.sampler.reencode else None
+        history = self._history(chunk.clean, pixels)
+        self._advance(worlds, chunk, history)
+        return history
 
     @torch.inference_mode()
     def predict(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> list[list[np.ndarray]]:
@@ -184,7 +192,8 @@ class WorldEngine:
         generator DOES advance (its noise is drawn), so a later call draws the noise of the chunk after. Returns per
         world its chunk's frames, uint8 (H, W, 3) arrays. Follow with `observe` to write the true frames instead."""
         self.flush(worlds)
-        return self._frames(self._pixels(self._denoise(worlds, actions).clean), len(worlds))
+        chunk = self._denoise(worlds, self._encode_actions(worlds, actions))
+        return self._frames(self._pixels(chunk.clean), len(worlds))
 
     @torch.inference_mode()
     def observe(self, world: World, frames: np.ndarray, actions: Sequence[Action]) -> None:
@@ -198,13 +207,53 @@ class WorldEngine:
         if len(actions) != len(frames) or not all(isinstance(a, Action) for a in actions):
             raise ValueError(f"observe needs one Action per frame: got {len(actions)} for {len(frames)} frames")
         T = self.chunk_frames
-        self.flush([world])
         latents = self.model.autoencoder.encode(torch.from_numpy(frames)).to(self.dtype)  # (T0, C, h, w)
-        for start in range(0, len(frames), T):
-            encoded = self._encode_actions([world], [actions[start : start + T]])  # (1, T, A)
-            world.pending = self._pending(world, latents[start : start + T], encoded[0], {})
-            self.flush([world])
-            world.frame_index += T
+        encoded = torch.cat([self._encode_actions([world], [actions[s : s + T]])[0] for s in range(0, len(frames), T)])
+        self.observe_latents([world], latents[None], encoded[None])
+
+    @torch.inference_mode()
+    def observe_latents(
+        self,
+        worlds: Sequence[World],
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        first_frames: Sequence[int] | None = None,
+        previous: torch.Tensor | None = None,
+    ) -> None:
+        """`observe` for a caller that works in latents, every world in the same commit passes: `latents` (B, T0, C,
+        h, w) as the DiT sees them (scaled), T0 a positive multiple of chunk_frames, with their encoded actions (B,
+        T0, A). `first_frames` (one per world) places each world's latents from that frame index on instead of its
+        next one: a world may skip frames ahead, as a training clip does after its sink frame, under the `dense`
+        policy only (a bounded cache's ring of exact frames assumes consecutive frames). `previous` (B, C, h, w)
+        replaces each world's latest latent as the previous-frame input of the first observed frame."""
+        B, T = len(worlds), self.chunk_frames
+        shape = (B, latents.shape[1] if latents.ndim == 5 else 0, *self.sizes.latent_shape)
+        if tuple(latents.shape) != shape or shape[1] == 0 or shape[1] % T:
+            raise ValueError(
+                f"observe_latents needs latents (B, T0, C, h, w) = {shape}, T0 a positive multiple of {T}, "
+                f"got {tuple(latents.shape)}"
+            )
+        expected = (*shape[:2], self.action_space.dim)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"observe_latents needs encoded actions {expected}, got {tuple(actions.shape)}")
+        self.flush(worlds)
+        if first_frames is not None:
+            if len(first_frames) != B or any(f < w.frame_index for f, w in zip(first_frames, worlds)):
+                raise ValueError("first_frames needs one frame index per world, none before the world's next frame")
+            if self.policy.name != "dense" and any(f != w.frame_index for f, w in zip(first_frames, worlds)):
+                raise ValueError(f"only the dense policy may skip frames, not {self.policy.name}")
+            for world, first in zip(worlds, first_frames):
+                world.frame_index = int(first)
+        if previous is not None:
+            for world, latest in zip(worlds, previous.to(self.device, self.dtype)):
+                world.last_latent = latest
+        latents, actions = latents.to(self.device, self.dtype), actions.to(self.device, self.dtype)
+        for start in range(0, latents.shape[1], T):
+            for b, world in enumerate(worlds):
+                world.pending = self._pending(world, latents[b, start : start + T], actions[b, start : start + T], {})
+            self.flush(worlds)
+            for world in worlds:
+                world.frame_index += T
 
     @torch.inference_mode()
     def flush(self, worlds: Sequence[World]) -> None:
@@ -220,14 +269,12 @@ class WorldEngine:
             for world in pending:
                 world.pending = None
 
-    def _denoise(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> _Chunk:
-        if len(worlds) != len(actions) or not worlds:
-            raise ValueError(f"need one action entry per world, got {len(actions)} for {len(worlds)} worlds")
+    def _denoise(self, worlds: Sequence[World], encoded: torch.Tensor) -> _Chunk:
+        """The next chunk of every world under its encoded actions (B, T, A)."""
         if len({id(w) for w in worlds}) != len(worlds):
             raise ValueError("a world may appear only once per step")
         B, T = len(worlds), self.chunk_frames
         # 1. conditioning: actions (B, T, A), prompts, positions of the chunk's tokens
-        encoded = self._encode_actions(worlds, actions)
         prompt = PromptTokens.stack([w.prompt_tokens for w in worlds])
         first_frames = [w.frame_index for w in worlds]
         pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (B, N, 3)
@@ -284,6 +331,22 @@ class WorldEngine:
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, shared)
 
+    def _history(self, clean: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """What the caches receive for a chunk whose denoised latents are `clean` (B, T, C, h, w): those, or with
+        `reencode` the encoding of their decoded frames `pixels` (B T, H, W, 3)."""
+        if not self.config.sampler.reencode:
+            return clean
+        assert pixels is not None
+        return self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, clean.shape[:2])
+
+    def _advance(self, worlds: Sequence[World], chunk: _Chunk, history: torch.Tensor) -> None:
+        """Leave each world's new chunk (`history` (B, T, C, h, w)) pending for its commit pass and count its frames."""
+        T = self.chunk_frames
+        for b, world in enumerate(worlds):
+            world.pending = self._pending(world, history[b], chunk.actions[b], chunk.shared.of_world(b))
+            world.frame_index += T
+            world.stats.frames += T
+
     def _previous(self, worlds: Sequence[World]) -> torch.Tensor | None:
         """With `model.previous_frame_input`: each world's latest committed latent (zeros before its first frame),
         the previous-frame input of every frame of its next chunk (B, T, C, h, w); else None."""
@@ -303,6 +366,8 @@ class WorldEngine:
         return [list(frames[b * T : (b + 1) * T]) for b in range(worlds)]
 
     def _encode_actions(self, worlds: Sequence[World], actions: Sequence[ChunkActions]) -> torch.Tensor:
+        if len(worlds) != len(actions) or not worlds:
+            raise ValueError(f"need one action entry per world, got {len(actions)} for {len(worlds)} worlds")
         T = self.chunk_frames
         rows = []
         for world, entry in zip(worlds, actions):

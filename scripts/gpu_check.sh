@@ -4,9 +4,9 @@
 #   1. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
 #      background beside 2 (they check results, not speed)
 #   2. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
-#      train_scratch_gpu, a new model from scratch on a wider latent, and train_predicted_passes_gpu, the recipe
-#      against long-rollout drift that only ran at CPU scale, docs/training.md; train_previous_frame_gpu is the
-#      shipped weights' recipe). A schedule that trains the autoencoder starts from scratch under the world-config
+#      train_scratch_gpu, a new model from scratch on a wider latent, and train_rollout_history_gpu, training on
+#      the model's own rollouts, the recipe against long-rollout drift that only ran at CPU scale, docs/training.md;
+#      train_previous_frame_gpu is the shipped weights' recipe). A schedule that trains the autoencoder starts from scratch under the world-config
 #      overrides in SCRATCH_SET (default: model.autoencoder.latent_channels=32); any other fine-tunes the shipped
 #      model. A short probe of each run (PROBE_STEPS per phase, default 240) measures each phase's step rate, and
 #      each phase's steps are then set so that the run ends in about TRAIN_SECONDS (default 300 s), split between
@@ -39,7 +39,7 @@ train_seconds=${TRAIN_SECONDS:-300}
 probe_steps=${PROBE_STEPS:-240}
 device=${DEVICE:-cuda}
 export TRAIN_SECONDS=$train_seconds PROBE_STEPS=$probe_steps
-runs=${RUNS:-train_scratch_gpu train_predicted_passes_gpu}
+runs=${RUNS:-train_scratch_gpu train_rollout_history_gpu}
 mkdir -p "$out"
 status=0
 

@@ -23,6 +23,8 @@ from engine.train import (
     dit_loss,
     load_train_config,
     predicted_history,
+    rollout_engine,
+    rollout_history,
     sample_clips,
     teacher_forcing_mask,
     train,
@@ -234,6 +236,82 @@ def test_predicted_history_passes_compound_the_models_own_predictions(monkeypatc
     assert not torch.allclose(moved[:, 3:], plain[:, 3:], atol=1e-3)
     loss = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1), predicted_context=1.0, predicted_passes=2)
     assert torch.isfinite(loss)
+
+
+def test_rollout_history_is_the_models_own_rollout_from_the_true_frames_before_it():
+    config = tiny_config(model={"previous_frame_input": True})
+    model = WorldModel(config).init_random_(0)
+    torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)  # the input starts at zero: make it count
+    clips = _random_clips(config, frames=6)
+    clips.actions[:, :, 0] = 1.0  # a key held: the action guidance has something to push against
+    engine = rollout_engine(model, config)
+    assert engine.policy.name == "dense" and engine.sampler.action_guidance == config.sampler.action_guidance
+
+    def rollout(of: Clips) -> tuple[torch.Tensor, torch.Tensor]:
+        return rollout_history(engine, of, 2, torch.Generator().manual_seed(5))
+
+    history, before = rollout(clips)
+    replay = torch.Generator().manual_seed(5)  # the draws rollout_history makes: the first generated frame, seeds
+    start = 1 + int(torch.randint(6 - 2, (1,), generator=replay))
+    seeds = torch.randint(2**31 - 1, (2,), generator=replay).tolist()
+    window = slice(start, start + 2)
+    kept = torch.ones(6, dtype=torch.bool)
+    kept[window] = False
+    assert torch.equal(history[:, kept], clips.latents[:, kept]), "frames outside the rollout stay true"
+    assert ((history[:, window] - clips.latents[:, window]).flatten(2).abs().amax(-1) > 0).all()
+    assert torch.equal(before[:, :2], clips.previous[:, :2]) and torch.equal(before[:, 2:], history[:, 1:-1])
+    # each clip's frames are what a world of its own generates from the same start, one frame after another
+    for b in range(2):
+        world = engine.new_world(clips.prompts[b], seeds[b])
+        engine.observe_latents([world], clips.latents[b : b + 1, :1], clips.actions[b : b + 1, :1])
+        if start > 1:
+            engine.observe_latents(
+                [world],
+                clips.latents[b : b + 1, 1:start],
+                clips.actions[b : b + 1, 1:start],
+                [int(clips.times[b, 1])],
+                clips.previous[b : b + 1, 1],
+            )
+        for i in range(start, start + 2):
+            own = engine.step_latents([world], clips.actions[b : b + 1, i : i + 1])
+            assert torch.allclose(own[0, 0], history[b, i], atol=1e-5)
+    # a rollout: blind to the true frames it replaces and to those after it, led by the true frames before it
+    changed = _random_clips(config, frames=6)
+    changed.actions[:, :, 0] = 1.0
+    changed.latents[:, start:] += 1.0
+    changed.previous[:, start + 1 :] += 1.0
+    assert torch.allclose(rollout(changed)[0][:, window], history[:, window], atol=1e-6)
+    changed.latents[:, start - 1] += 1.0
+    assert not torch.allclose(rollout(changed)[0][:, window], history[:, window], atol=1e-3)
+    # the loss trains on it: finite, with gradients, and not the loss on the true history
+    plain = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1))
+    own = dit_loss(model, clips, 0.3, torch.Generator().manual_seed(1), history=(history, before))
+    own.backward()
+    assert torch.isfinite(own) and float(own.detach()) != float(plain.detach())
+    assert model.dit.previous_embed.weight.grad.abs().amax() > 0
+
+
+def test_rollout_frames_must_fit_the_clip_and_exclude_predicted_history():
+    with pytest.raises(ValueError, match="at most frames"):
+        tiny_train(dit={**TINY_TRAIN["dit"], "rollout_frames": 5})
+    with pytest.raises(ValueError, match="set one of them"):
+        tiny_train(dit={**TINY_TRAIN["dit"], "rollout_frames": 2, "predicted_context": 0.5})
+
+
+def test_run_with_rollout_histories_resumes_to_the_run_that_was_not_interrupted(tmp_path: Path):
+    rollouts = tiny_train(
+        autoencoder={**TINY_TRAIN["autoencoder"], "steps": 2}, dit={**TINY_TRAIN["dit"], "rollout_frames": 2}
+    )
+    straight = train(tmp_path / "straight", tiny_config(), rollouts, device="cpu", progress=False)
+    assert straight.phase == "done"
+    partial = train(tmp_path / "resumed", tiny_config(), rollouts, device="cpu", progress=False, max_steps=4)
+    assert partial.phase == "dit" and partial.step == 2  # the rollouts' draws are a function of (seed, step)
+    resumed = train(tmp_path / "resumed", tiny_config(), rollouts, device="cpu", progress=False)
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert resumed.phase == "done" and a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_run_trains_both_phases_and_exports_a_loadable_model(tmp_path: Path):

@@ -85,7 +85,7 @@ def test_guided_velocity_extrapolates_from_the_prompt_free_one_by_the_guidance_s
     def latents(guidance: float) -> torch.Tensor:
         engine = tiny_engine.sibling(tiny_config(sampler={"steps": 1, "guidance": guidance}))
         world = engine.new_world("green hedge maze", seed=2)
-        return engine._denoise([world], [FORWARD]).clean.double()
+        return engine._denoise([world], engine._encode_actions([world], [FORWARD])).clean.double()
 
     one, two, three = latents(1.0), latents(2.0), latents(3.0)
     assert not torch.allclose(two, one)
@@ -116,7 +116,7 @@ def test_action_guided_velocity_extrapolates_from_standing_still_by_its_scale(ti
         sampler = {"steps": 1, "guidance": 2.0, "action_guidance": weight}
         engine = tiny_engine.sibling(tiny_config(sampler=sampler))
         world = engine.new_world("green hedge maze", seed=2)
-        return engine._denoise([world], [TURN]).clean.double()
+        return engine._denoise([world], engine._encode_actions([world], [TURN])).clean.double()
 
     zero, one, two = latents(0.0), latents(1.0), latents(2.0)
     assert not torch.allclose(one, zero)
@@ -271,6 +271,32 @@ def test_predict_generates_what_step_would_without_committing(sections: dict) ->
     # the generator advanced: predicting the same chunk again draws other noise
     [again] = engine.predict([predicting], [chunk])
     assert not np.array_equal(again[0], predicted[0])
+
+
+def test_latent_steps_and_observations_are_the_frame_ones_in_latents() -> None:
+    """step_latents makes the latents whose frames step shows, and leaves the world as step does; observe_latents
+    of a frame's encoding is observe of the frame; skipping frames ahead is for the dense policy only."""
+    engine = WorldEngine.from_config(tiny_config(model={"previous_frame_input": True}))
+    torch.nn.init.normal_(engine.model.dit.previous_embed.weight, std=0.02)
+    latents, frames = engine.new_world("icy cave", seed=5), engine.new_world("icy cave", seed=5)
+    true = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    engine.observe(frames, true, [IDLE, TURN])
+    encoded = engine.model.autoencoder.encode(torch.from_numpy(true))[None]
+    engine.observe_latents([latents], encoded, engine.action_space.encode([IDLE, TURN])[0][None])
+    for action in [FORWARD, TURN, FORWARD]:
+        own = engine.step_latents([latents], engine.action_space.encode([action])[0][None])
+        [shown] = engine.step([frames], [action])
+        decoded = engine.model.autoencoder.decode(own.flatten(0, 1).float()).numpy()
+        assert np.array_equal(decoded[0], shown[0])
+        assert latents.frame_index == frames.frame_index and latents.stats.frames == frames.stats.frames
+    with pytest.raises(ValueError, match="encoded actions"):
+        engine.step_latents([latents], torch.zeros(1, 1, 3))
+    assert engine.policy.name == "dense"
+    bounded = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache"}))
+    with pytest.raises(ValueError, match="only the dense policy may skip frames"):
+        bounded.observe_latents([bounded.new_world()], encoded[:, :1], torch.zeros(1, 1, engine.action_space.dim), [9])
+    with pytest.raises(ValueError, match="positive multiple"):
+        engine.observe_latents([latents], encoded[:, :0], torch.zeros(1, 0, engine.action_space.dim))
 
 
 @pytest.mark.parametrize(
