@@ -180,8 +180,7 @@ class WorldEngine:
         if tuple(actions.shape) != expected:
             raise ValueError(f"step_latents needs encoded actions of shape {expected}, got {tuple(actions.shape)}")
         chunk = self._denoise(worlds, actions.to(self.device, self.dtype))
-        pixels = self._pixels(chunk.clean) if self.config.sampler.reencode else None
-        history = self._history(chunk.clean, pixels)
+        history = self._history(chunk.clean)
         self._advance(worlds, chunk, history)
         return history
 
@@ -271,6 +270,8 @@ class WorldEngine:
 
     def _denoise(self, worlds: Sequence[World], encoded: torch.Tensor) -> _Chunk:
         """The next chunk of every world under its encoded actions (B, T, A)."""
+        if not worlds:
+            raise ValueError("a step needs at least one world")
         if len({id(w) for w in worlds}) != len(worlds):
             raise ValueError("a world may appear only once per step")
         B, T = len(worlds), self.chunk_frames
@@ -331,12 +332,12 @@ class WorldEngine:
         clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, shared)
 
-    def _history(self, clean: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+    def _history(self, clean: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """What the caches receive for a chunk whose denoised latents are `clean` (B, T, C, h, w): those, or with
-        `reencode` the encoding of their decoded frames `pixels` (B T, H, W, 3)."""
+        `reencode` the encoding of their decoded frames (`pixels` (B T, H, W, 3) when the caller has decoded them)."""
         if not self.config.sampler.reencode:
             return clean
-        assert pixels is not None
+        pixels = self._pixels(clean) if pixels is None else pixels
         return self.model.autoencoder.encode(pixels).to(self.dtype).unflatten(0, clean.shape[:2])
 
     def _advance(self, worlds: Sequence[World], chunk: _Chunk, history: torch.Tensor) -> None:

@@ -291,6 +291,18 @@ def test_latent_steps_and_observations_are_the_frame_ones_in_latents() -> None:
         assert latents.frame_index == frames.frame_index and latents.stats.frames == frames.stats.frames
     with pytest.raises(ValueError, match="encoded actions"):
         engine.step_latents([latents], torch.zeros(1, 1, 3))
+    with pytest.raises(ValueError, match="at least one world"):
+        engine.step_latents([], torch.zeros(0, 1, engine.action_space.dim))
+    # with `reencode` the caches receive the encoding of the decoded frames, whichever of the two made them
+    reencoding = WorldEngine.from_config(tiny_config(sampler={"reencode": True}))
+    latents, frames = reencoding.new_world("icy cave", seed=2), reencoding.new_world("icy cave", seed=2)
+    own = reencoding.step_latents([latents], reencoding.action_space.encode([FORWARD])[0][None])
+    [shown] = reencoding.step([frames], [FORWARD])
+    assert torch.equal(own[0], reencoding.model.autoencoder.encode(torch.from_numpy(np.stack(shown))))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(reencoding.step([latents], [TURN])[0], reencoding.step([frames], [TURN])[0])
+    )
     assert engine.policy.name == "dense"
     bounded = WorldEngine.from_config(tiny_config(cache={"policy": "tempcache"}))
     with pytest.raises(ValueError, match="only the dense policy may skip frames"):
