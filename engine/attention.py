@@ -44,12 +44,16 @@ class AttentionContext(Protocol):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention of one world: q (N, h, d), rotated k and v (S, h, d), bias (S,) or None -> (N, h, d)."""
-    mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)  # broadcasts over (1, h, N, S)
+    return attend_worlds(q[None], k[None], v[None], None if bias is None else bias[None])[0]
+
+
+def attend_worlds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of B worlds with S slots each, in one call: q (B, N, h, d), rotated k and v (B, S, h, d),
+    bias (B, S) or None -> (B, N, h, d)."""
+    mask = None if bias is None else bias.to(q.dtype)[:, None, None, :]  # broadcasts over (B, h, N, S)
     # 4D inputs: on the CPU only these reach the fused (flash) kernel; 3D ones fall back to the math path
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
-    )
-    return out[0].transpose(0, 1)  # (N, h, d)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)  # (B, N, h, d)
 
 
 def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -190,27 +194,53 @@ class CachedAttention:
         rotated = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.row_turns)
         q_rot, k_rot = rotated.chunk(2, dim=2)
         passes, out = q.shape[0] // worlds, torch.empty_like(q)  # out (P B, N, h, d)
-        for b in range(worlds):
-            slots = self._slots(b, layer, n)
-            rows = slice(b, None, worlds)  # world b's rows, one per pass
-            if sparse is None:
-                for row in range(b, q.shape[0], worlds):
-                    # the chunk's rows of the shared buffer are rewritten by each pass before it attends
-                    slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
-                    out[row] = attend(q_rot[row], slots.key, slots.value, slots.bias)
-            else:
-                if slots.sorted is None or slots.sorted.passes < passes:
-                    s = slots.slots
-                    bias = None if slots.bias is None else slots.bias[:s]
-                    slots.sorted = sparse.sort_slots(
-                        slots.key[:s], slots.value[:s], bias, slots.sinks, current=n, passes=passes
-                    )
-                # every pass of the world in one call: one layout and one kernel launch instead of P
-                out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
-            if self.write:
+        if sparse is not None or not self._attend_together(layer, n, q_rot, k_rot, v, out):
+            for b in range(worlds):
+                slots = self._slots(b, layer, n)
+                rows = slice(b, None, worlds)  # world b's rows, one per pass
+                if sparse is None:
+                    for row in range(b, q.shape[0], worlds):
+                        # the chunk's rows of the shared buffer are rewritten by each pass before it attends
+                        slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
+                        out[row] = attend(q_rot[row], slots.key, slots.value, slots.bias)
+                else:
+                    if slots.sorted is None or slots.sorted.passes < passes:
+                        s = slots.slots
+                        bias = None if slots.bias is None else slots.bias[:s]
+                        slots.sorted = sparse.sort_slots(
+                            slots.key[:s], slots.value[:s], bias, slots.sinks, current=n, passes=passes
+                        )
+                    # every pass of the world in one call: one layout and one kernel launch instead of P
+                    out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
+        if self.write:  # each world's cache changes only after every world has attended to it
+            for b in range(worlds):
                 self.policy.commit(self.caches[b].layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
                 self.shared.drop(b, layer)  # stale now that the cache has changed; freed layer by layer
         return out
+
+    def _attend_together(
+        self, layer: int, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """Dense attention of all worlds in one call per pass, where there are several and each shows the same
+        number of slots, all with a bias or none (the worlds of a training rollout, which observed the same
+        frames): rotated q and k, and v (P B, N, h, d) -> `out`, written in place. On a GPU a call per world and
+        pass costs far more than its arithmetic (about 1 ms each on an H200, README "On a GPU"). Returns False,
+        having written nothing, where the worlds differ."""
+        worlds = len(self.caches)
+        if worlds == 1:
+            return False
+        slots = [self._slots(b, layer, n) for b in range(worlds)]
+        if len({s.slots for s in slots}) > 1 or len({s.bias is None for s in slots}) > 1:
+            return False
+        # stacked once per call: each world keeps a buffer of its own (caches grow and shrink apart)
+        key, value = torch.stack([s.key for s in slots]), torch.stack([s.value for s in slots])  # (B, S + N, h, d)
+        bias = None if slots[0].bias is None else torch.stack([s.bias for s in slots])  # (B, S + N)
+        S = slots[0].slots
+        for first in range(0, q.shape[0], worlds):  # pass by pass: rows p B .. p B + B - 1
+            rows = slice(first, first + worlds)
+            key[:, S:], value[:, S:] = k[rows], v[rows]
+            out[rows] = attend_worlds(q[rows], key, value, bias)
+        return True
 
     def cross_sparse(self, layer: int) -> bool:
         """Whether AnnCA prunes the prompt in this layer of this forward."""

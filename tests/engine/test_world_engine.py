@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import IDLE, Action, WorldEngine
+from engine import IDLE, Action, WorldEngine, attention
+from engine.attention import attend as _attend
 from tests.conftest import tiny_config
 
 FORWARD = Action(frozenset({"KeyW"}))
@@ -61,6 +62,32 @@ def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> 
         for b, s in zip(batched, singles):
             # uint8 frames; batched matmuls may round differently in the last float bit
             assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
+    assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
+
+
+@pytest.mark.parametrize("policy", ["dense", "window", "tempcache"])
+def test_worlds_of_one_length_attend_together_as_each_would_alone(policy: str, monkeypatch) -> None:
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
+    prompts = ["red brick dungeon", "", "sandstone temple"]
+    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
+
+    def prepared():
+        worlds = [engine.new_world(prompt=p, seed=10 + i) for i, p in enumerate(prompts)]
+        for _ in range(4):  # the same number of frames in each: the same number of slots under dense and window
+            engine.step(worlds, [TURN] * len(worlds))
+        return worlds
+
+    batched_worlds, single_worlds = prepared(), prepared()
+    alone = []  # calls of one world's attention
+    monkeypatch.setattr(attention, "attend", lambda *args: alone.append(1) or _attend(*args))
+    for step in range(3):
+        alone.clear()
+        batched = engine.step(batched_worlds, [plan[step] for plan in plans])
+        if policy != "tempcache":  # whose slots merge by content, so that worlds may show different numbers
+            assert not alone
+        singles = [engine.step([w], [plan[step]])[0] for w, plan in zip(single_worlds, plans)]
+        for b, s in zip(batched, singles):
+            assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1  # batched matmuls may round differently
     assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
 
 

@@ -1,0 +1,156 @@
+"""Where an engine step's time goes on the machine it runs on; a diagnostic, not part of the engine. Prints one JSON
+object; run from the repository root.
+
+    python scripts/profile_step.py --preset tempcache+annsa --device cuda --out DIR
+
+A world (no prompt, seed 0) steps `--warmup` frames, then `--profile` frames under torch.profiler (CPU, and CUDA
+on a GPU); then, each in a world of its own, `--timed` frames under each scaled-dot-product-attention backend that
+the device has (`torch.nn.attention.sdpa_kernel` with that backend alone; "default" is PyTorch's own choice); then,
+under `dense` (the engine a training rollout uses), `--worlds` worlds that have seen the same number of frames step
+together, once attending in one call per pass (the engine's way for such worlds) and once in one call per world and
+pass. The JSON holds SDPA calls per frame, the step's median time per backend (or the error that backend raised),
+the dense step of the worlds both ways, and the profiler's busiest operators by their own CPU time (with their GPU
+time on a GPU); `--out` also writes the profiler's whole table (profile.txt) and the JSON (profile.json).
+
+Why it exists: on a lent H200 on 2026-11-29 a step of the default model took 65 to 110 ms whatever the cache's
+length, and under cProfile two thirds of it was spent inside scaled_dot_product_attention's calls, about 1 ms each,
+60 per frame; a GPU should step this model in a few ms. This script tells whether one backend is the cost, and
+what attending in fewer calls saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import WorldEngine, load_config  # noqa: E402
+from engine.attention import CachedAttention  # noqa: E402
+from engine.config import ATTENTION_PRESETS  # noqa: E402
+from engine.rollout import random_actions  # noqa: E402
+from engine.train import rollout_engine  # noqa: E402
+from server.cli import _override  # noqa: E402  (worldserve's own KEY=VALUE parser)
+
+# what each device can run; the CPU's fused kernel counts as FLASH_ATTENTION
+BACKENDS = {
+    "cpu": ("FLASH_ATTENTION", "MATH"),
+    "cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+}
+TOP_OPERATORS = 25
+
+
+def profile_step(
+    engine: WorldEngine, warmup: int, profiled: int, timed: int, worlds: int = 8
+) -> tuple[dict[str, Any], str]:
+    """Profile and time as the module docstring says; returns the summary and the profiler's table."""
+    cuda = engine.device.type == "cuda"
+    world = _World(engine, warmup)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        world.steps(profiled)
+    averages = profiler.key_averages()
+    busiest = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP_OPERATORS]
+    operators = [
+        {
+            "name": e.key,
+            "calls_per_frame": round(e.count / profiled, 2),
+            "self_cpu_ms_per_frame": round(e.self_cpu_time_total / 1e3 / profiled, 3),
+            **({"self_gpu_ms_per_frame": round(e.self_device_time_total / 1e3 / profiled, 3)} if cuda else {}),
+        }
+        for e in busiest
+    ]
+    sdpa = sum(e.count for e in averages if e.key == "aten::scaled_dot_product_attention")
+    backends = {"default": {"step_ms_median": _World(engine, warmup).median(timed)}}
+    for name in BACKENDS[engine.device.type]:
+        world = _World(engine, warmup)  # each backend in a world of its own: one that fails leaves no half step behind
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                backends[name] = {"step_ms_median": world.median(timed)}
+        except RuntimeError as error:  # this backend cannot serve one of the step's calls
+            backends[name] = {"error": str(error).splitlines()[0][:300]}
+    rollout = rollout_engine(engine.model, engine.config)  # dense, as a training rollout's
+    together = {"worlds": worlds, "one_call_per_pass": _World(rollout, warmup, worlds).median(timed)}
+    with mock.patch.object(CachedAttention, "_attend_together", return_value=False):
+        together["one_call_per_world_and_pass"] = _World(rollout, warmup, worlds).median(timed)
+    summary = {
+        "device": torch.cuda.get_device_name(engine.device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "policy": engine.policy.name,
+        "annsa": engine.config.attention.annsa,
+        "annca": engine.config.attention.annca,
+        "frames": {"warmup": warmup, "profiled": profiled, "timed_per_backend": timed},
+        "sdpa_calls_per_frame": round(sdpa / profiled, 2),
+        "step_ms_median_by_sdpa_backend": backends,
+        "dense_step_of_worlds_ms_median": together,
+        "busiest_operators": operators,
+    }
+    sort = f"self_{'cuda' if cuda else 'cpu'}_time_total"
+    return summary, averages.table(sort_by=sort, row_limit=60)
+
+
+class _World:
+    """`count` worlds (seeds 0 .., no prompt) under random actions, stepped together `warmup` frames."""
+
+    def __init__(self, engine: WorldEngine, warmup: int, count: int = 1) -> None:
+        self.engine, self.worlds = engine, [engine.new_world(seed=seed) for seed in range(count)]
+        self.actions = itertools.cycle(random_actions(1000, seed=0))
+        self.steps(warmup)
+
+    def steps(self, frames: int) -> list[float]:
+        """Step `frames` frames (whole chunks); returns each step's wall time in ms (the GPU's work included)."""
+        times = []
+        chunk = self.engine.chunk_frames
+        for _ in range(0, frames, chunk):
+            actions = [next(self.actions) for _ in range(chunk)]
+            began = time.perf_counter()
+            self.engine.step(self.worlds, [actions] * len(self.worlds))
+            if self.engine.device.type == "cuda":
+                torch.cuda.synchronize(self.engine.device)
+            times.append((time.perf_counter() - began) * 1e3)
+        return times
+
+    def median(self, frames: int) -> float:
+        return statistics.median(self.steps(frames))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--preset", default="tempcache+annsa", choices=sorted(ATTENTION_PRESETS))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (runtime.device)")
+    parser.add_argument("--warmup", type=int, default=30, help="frames before the profile")
+    parser.add_argument("--profile", type=int, default=10, help="frames under the profiler")
+    parser.add_argument("--timed", type=int, default=15, help="frames per SDPA backend and per way of batching")
+    parser.add_argument("--worlds", type=int, default=8, help="worlds that step together in the batching comparison")
+    parser.add_argument("--out", help="folder for profile.txt and profile.json")
+    parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE", help="config key")
+    args = parser.parse_args()
+    if min(args.warmup, args.profile, args.timed) < 1 or args.worlds < 2:
+        parser.error("--warmup, --profile and --timed must be at least 1, --worlds at least 2")
+    overrides = {**ATTENTION_PRESETS[args.preset], "runtime.device": args.device, **dict(args.set)}
+    engine = WorldEngine.from_config(load_config(args.config, overrides))
+    summary, table = profile_step(engine, args.warmup, args.profile, args.timed, args.worlds)
+    summary["preset"] = args.preset
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.txt").write_text(table + "\n")
+        (out / "profile.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""scripts/profile_step.py, the GPU check's account of where a step's time goes: it profiles, times both ways of
+attending for worlds of one length, and reports a backend that cannot serve the step without stopping the others."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from engine import WorldEngine
+from tests.conftest import tiny_config
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+_spec = importlib.util.spec_from_file_location("profile_step", _PATH)
+profile_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_step)
+
+
+def test_the_profile_counts_attention_calls_and_times_each_backend() -> None:
+    engine = WorldEngine.from_config(tiny_config())
+    summary, table = profile_step.profile_step(engine, warmup=2, profiled=2, timed=2, worlds=2)
+    depth = engine.config.model.depth
+    # every layer attends to its frames and to the prompt, at least once per frame
+    assert summary["sdpa_calls_per_frame"] >= 2 * depth
+    assert set(summary["step_ms_median_by_sdpa_backend"]) == {"default", "FLASH_ATTENTION", "MATH"}
+    assert all(row["step_ms_median"] > 0 for row in summary["step_ms_median_by_sdpa_backend"].values())
+    assert summary["busiest_operators"] and "scaled_dot_product" in table
+    together = summary["dense_step_of_worlds_ms_median"]
+    assert together["one_call_per_pass"] > 0 and together["one_call_per_world_and_pass"] > 0
+
+
+def test_a_backend_the_device_lacks_is_reported_and_the_next_still_timed(monkeypatch) -> None:
+    monkeypatch.setitem(profile_step.BACKENDS, "cpu", ("EFFICIENT_ATTENTION", "MATH"))  # no such kernel on a CPU
+    engine = WorldEngine.from_config(tiny_config())
+    summary, _ = profile_step.profile_step(engine, warmup=1, profiled=1, timed=1, worlds=2)
+    backends = summary["step_ms_median_by_sdpa_backend"]
+    assert "error" in backends["EFFICIENT_ATTENTION"]
+    assert backends["MATH"]["step_ms_median"] > 0
