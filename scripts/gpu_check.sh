@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run that ends within BUDGET_SECONDS (default 520 s, so that it fits the
 # 10-minute calls of a lent GPU machine with room for its start):
-#   1. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
-#      background beside 2 (they check results, not speed)
-#   2. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
-#      train_scratch_gpu, a new model from scratch on a wider latent, and train_rollout_history_gpu, training on
-#      the model's own rollouts, the recipe against long-rollout drift that only ran at CPU scale, docs/training.md;
-#      train_previous_frame_gpu is the shipped weights' recipe). A schedule that trains the autoencoder starts from scratch under the world-config
-#      overrides in SCRATCH_SET (default: model.autoencoder.latent_channels=32); any other fine-tunes the shipped
-#      model. A short probe of each run (PROBE_STEPS per phase, default 240) measures each phase's step rate, and
-#      each phase's steps are then set so that the run ends in about TRAIN_SECONDS (default 300 s), split between
-#      the phases of a run from scratch as SCRATCH_SHARES says (default "0.25 0.1 0.65": autoencoder, decoder,
-#      DiT): each phase's schedule (warm-up, cosine decay) is the config's, over those steps.
+#   1. where a step of the default model's time goes (scripts/profile_step.py, tempcache+annsa): torch.profiler's
+#      busiest operators, the step time under each scaled-dot-product-attention backend, and 8 worlds' dense step
+#      with their attention in one call per pass against one per world and pass, first and alone on the machine
+#      (on an H200 on 2026-11-29 a step took 65 to 110 ms, two thirds of it inside SDPA's calls)
+#   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
+#      background beside 3 (they check results, not speed)
+#   3. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
+#      train_scratch_gpu, a new model from scratch on a wider latent; train_previous_frame_gpu is the shipped
+#      weights' recipe; train_rollout_history_gpu, training on the model's own rollouts, is not a default: on that
+#      H200 its rollouts took 4.7 s a step, so its probe did not finish). A schedule that trains the autoencoder
+#      starts from scratch under the world-config overrides in SCRATCH_SET (default:
+#      model.autoencoder.latent_channels=32); any other fine-tunes the shipped model. A short probe of each run
+#      (PROBE_STEPS per phase, default 240, within PROBE_SECONDS, default 180) measures each phase's step rate; a
+#      run whose probe does not finish is reported and not trained. Each phase's steps are then set so that the
+#      run ends in about TRAIN_SECONDS (default 240 s), split between the phases of a run from scratch as
+#      SCRATCH_SHARES says (default "0.25 0.1 0.65": autoencoder, decoder, DiT): each phase's schedule (warm-up,
+#      cosine decay) is the config's, over those steps.
 #      Weights: NAME/model.safetensors, with NAME/config.yaml the world config to load them with.
-#   3. the FAST-AR rollout benchmark of the default model on the GPU, ROLLOUT_FRAMES frames (default 1000)
-#   4. the serving benchmark on the GPU: 1 and then 8 simulated realtime players against `worldserve serve`
-#   5. the rollout benchmark of a model shaped like Wan2.1-1.3B (configs/wan_1_3b_shape.yaml, random weights: speed
+#   4. the FAST-AR rollout benchmark of the default model on the GPU, ROLLOUT_FRAMES frames (default 120: on that
+#      H200 each configuration's 240 frames took about 31 s)
+#   5. the serving benchmark on the GPU: 1 and then 8 simulated realtime players against `worldserve serve`
+#   6. the rollout benchmark of a model shaped like Wan2.1-1.3B (configs/wan_1_3b_shape.yaml, random weights: speed
 #      and memory only) in the time that is left
 # Each step runs under its own time limit; a step that fails is reported and the others still run.
 # Usage: scripts/gpu_check.sh [OUT_DIR]   (default: gpu_results/)
@@ -35,11 +42,11 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${BUDGET_SECONDS:-520}))
-train_seconds=${TRAIN_SECONDS:-300}
+train_seconds=${TRAIN_SECONDS:-240}
 probe_steps=${PROBE_STEPS:-240}
 device=${DEVICE:-cuda}
 export TRAIN_SECONDS=$train_seconds PROBE_STEPS=$probe_steps
-runs=${RUNS:-train_scratch_gpu train_rollout_history_gpu}
+runs=${RUNS:-train_scratch_gpu}
 mkdir -p "$out"
 status=0
 
@@ -61,12 +68,17 @@ name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
 print(f"gpu_check: torch {torch.__version__} on {name}, {torch.get_num_threads()} threads")
 PY
 
-echo "== 1/5 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
+echo "== 1/6 where a step's time goes on $device: profiler and SDPA backends, default model, tempcache+annsa"
+timeout 90 "$python" scripts/profile_step.py --device "$device" --out "$out/profile_step" \
+    > "$out/profile_step.json" 2> "$out/profile_step.err" || { tail -n 5 "$out/profile_step.err"; status=1; }
+"$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print('SDPA calls per frame', d['sdpa_calls_per_frame']); print('step ms by SDPA backend', json.dumps(d['step_ms_median_by_sdpa_backend'])); print('dense step of worlds, ms', json.dumps(d['dense_step_of_worlds_ms_median']))" "$out/profile_step/profile.json" || status=1
+
+echo "== 2/6 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
 timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
     tests/engine/test_ann.py tests/engine/kernels/test_block_sparse.py > "$out/gpu_tests.txt" 2>&1 &
 tests=$!
 
-echo "== 2/5 training on $device: probe, then ${train_seconds} s runs of $runs"
+echo "== 3/6 training on $device: probe, then ${train_seconds} s runs of $runs"
 # One thread per training process on a GPU: its CPU work is the sampling loop; the episode workers take the other cores.
 [ "$device" = cuda ] && export OMP_NUM_THREADS=1
 # A run whose schedule trains the autoencoder starts from scratch with the world-config overrides in SCRATCH_SET;
@@ -110,26 +122,40 @@ done
 wait "${pids[@]}"
 # Each phase's step rate from its probe's log (the first third of its steps warms up kernels and caches). A
 # fine-tune's DiT gets the whole budget; a run from scratch splits it between its phases as SCRATCH_SHARES says
-# (autoencoder, decoder, DiT). 40 s of each phase go to start-up and the pool; 5 % margin for checkpoints and jitter.
-# Prints one line per run: its name and the steps of each phase as JSON.
+# (autoencoder, decoder, DiT) after 40 s per phase for its start-up and its pool, taken off the run's budget before
+# the split (taken off each share instead, they left the decoder's tenth no time at all on 2026-11-29); 5 % margin
+# for checkpoints and jitter. Prints one line per run: its name and the steps of each phase as JSON.
 plan=$("$python" - "$out" $runs <<'PY'
 import json, os, sys
+import yaml
 out, runs = sys.argv[1], sys.argv[2:]
 seconds, total = float(os.environ["TRAIN_SECONDS"]), int(os.environ["PROBE_STEPS"])
 shares = os.environ.get("SCRATCH_SHARES", "0.25 0.1 0.65").split()
 shares = dict(zip(("autoencoder", "decoder", "dit"), map(float, shares)))
+skipped = []
 for run in runs:
-    log = [e for e in map(json.loads, open(f"{out}/probe_{run}/log.jsonl")) if "loss" in e]
-    phases = list(dict.fromkeys(e["phase"] for e in log))  # the phases the probe trained, in order
+    schedule = yaml.safe_load(open(f"{out}/probe_{run}.yaml"))
+    phases = [p for p in ("autoencoder", "decoder", "dit") if schedule.get(p, {}).get("steps", 0)]
+    try:
+        log = [e for e in map(json.loads, open(f"{out}/probe_{run}/log.jsonl")) if "loss" in e]
+    except FileNotFoundError:
+        log = []
+    minutes = {p: {e["step"]: e["minutes"] for e in log if e["phase"] == p} for p in phases}
+    if not all(total in minutes[p] for p in phases):
+        # a probe that did not finish (its time limit, PROBE_SECONDS, or an error) measured no rate: not trained
+        print(f"probe {run}: did not finish, so {run} is not trained (see probe_{run}.txt)", file=sys.stderr)
+        skipped.append(run)
+        continue
     first = total // 3
     steps = {}
+    usable = max(0.0, seconds - 40 * len(phases))  # seconds of steps, all phases together
     for phase in phases:
-        minutes = {e["step"]: e["minutes"] for e in log if e["phase"] == phase}
-        rate = (total - first) / max(1e-3, 60 * (minutes[total] - minutes[first]))
+        rate = (total - first) / max(1e-3, 60 * (minutes[phase][total] - minutes[phase][first]))
         share = shares[phase] / sum(shares[p] for p in phases) if len(phases) > 1 else 1.0
-        steps[phase] = max(1, int(rate * (seconds * share - 40) * 0.95))
+        steps[phase] = max(1, int(rate * usable * share * 0.95))
         print(f"probe {run} {phase}: {rate:.2f} steps/s -> {steps[phase]} steps", file=sys.stderr)
     print(run, json.dumps(steps))
+sys.exit(1 if skipped else 0)  # the runs whose probes finished are still planned, and trained
 PY
 ) || { echo "gpu_check: the training probe failed (see $out/probe_*.txt)"; tail -n 20 "$out"/probe_*.txt; status=1; }
 if [ -n "${plan:-}" ]; then
@@ -152,22 +178,22 @@ unset OMP_NUM_THREADS
 wait "$tests" || status=1
 tail -n 5 "$out/gpu_tests.txt"
 
-echo "== 3/5 rollout benchmark, default model on $device, ${ROLLOUT_FRAMES:-1000} frames ($(left) s left)"
+echo "== 4/6 rollout benchmark, default model on $device, ${ROLLOUT_FRAMES:-120} frames ($(left) s left)"
 if [ "$(left)" -gt 30 ]; then
     timeout "$(( $(left) < 100 ? $(left) : 100 ))" "$python" -m server.cli bench rollout --config configs/default.yaml \
-        --frames "${ROLLOUT_FRAMES:-1000}" --set runtime.device="$device" --out "$out/rollout_default" || status=1
+        --frames "${ROLLOUT_FRAMES:-120}" --set runtime.device="$device" --out "$out/rollout_default" || status=1
 else
     echo "skipped: out of time"; status=1
 fi
 
-echo "== 4/5 serving benchmark, default model on $device, 1 and 8 sessions ($(left) s left)"
+echo "== 5/6 serving benchmark, default model on $device, 1 and 8 sessions ($(left) s left)"
 for sessions in 1 8; do
     [ "$(left)" -gt 30 ] || { echo "skipped: out of time"; status=1; break; }
     timeout 40 "$python" -m server.cli bench serve --sessions "$sessions" --seconds 8 --warmup 2 \
         --set runtime.device="$device" --out "$out/serve_$sessions" || status=1
 done
 
-echo "== 5/5 rollout benchmark, Wan2.1-1.3B-shaped model (random weights) ($(left) s left)"
+echo "== 6/6 rollout benchmark, Wan2.1-1.3B-shaped model (random weights) ($(left) s left)"
 if [ "$(left)" -gt 45 ]; then
     timeout "$(( $(left) - 5 ))" "$python" -m server.cli bench rollout --config configs/wan_1_3b_shape.yaml \
         --frames 240 --measure-frames 8 --set runtime.device="$device" --out "$out/wan_1_3b_shape" || status=1
