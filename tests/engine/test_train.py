@@ -298,6 +298,27 @@ def test_rollout_frames_must_fit_the_clip_and_exclude_predicted_history():
         tiny_train(dit={**TINY_TRAIN["dit"], "rollout_frames": 2, "predicted_context": 0.5})
 
 
+def test_a_rollout_share_rolls_out_in_some_steps_and_trains_on_true_histories_in_the_others(
+    tmp_path: Path, monkeypatch
+):
+    rolled = []
+    monkeypatch.setattr(train_module, "rollout_history", lambda *args: rolled.append(1) or rollout_history(*args))
+
+    def rollouts_in(share: float) -> int:
+        rolled.clear()
+        config = tiny_train(
+            autoencoder={**TINY_TRAIN["autoencoder"], "steps": 1},
+            dit={**TINY_TRAIN["dit"], "steps": 12, "rollout_frames": 2, "rollout_share": share},
+        )
+        train(tmp_path / str(share), tiny_config(), config, device="cpu", progress=False)
+        return len(rolled)
+
+    assert rollouts_in(1.0) == 12
+    assert 0 < rollouts_in(0.5) < 12
+    with pytest.raises(ValueError):
+        tiny_train(dit={**TINY_TRAIN["dit"], "rollout_frames": 2, "rollout_share": 0})
+
+
 def test_run_with_rollout_histories_resumes_to_the_run_that_was_not_interrupted(tmp_path: Path):
     rollouts = tiny_train(
         autoencoder={**TINY_TRAIN["autoencoder"], "steps": 2}, dit={**TINY_TRAIN["dit"], "rollout_frames": 2}
