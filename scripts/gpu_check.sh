@@ -8,9 +8,9 @@
 #   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
 #      background beside 3 (they check results, not speed)
 #   3. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
-#      train_scratch_gpu, a new model from scratch on a wider latent; train_previous_frame_gpu is the shipped
-#      weights' recipe; train_rollout_history_gpu, training on the model's own rollouts, is not a default: on that
-#      H200 its rollouts took 4.7 s a step, so its probe did not finish). A schedule that trains the autoencoder
+#      train_rollout_history_gpu, training on the model's own rollouts, whose rollouts took 4.7 s a step on that
+#      H200 before the engine attended for all of them in one call per pass, and train_scratch_gpu, a new model
+#      from scratch on a wider latent; train_previous_frame_gpu is the shipped weights' recipe). A schedule that trains the autoencoder
 #      starts from scratch under the world-config overrides in SCRATCH_SET (default:
 #      model.autoencoder.latent_channels=32); any other fine-tunes the shipped model. A short probe of each run
 #      (PROBE_STEPS per phase, default 240, within PROBE_SECONDS, default 180) measures each phase's step rate; a
@@ -46,7 +46,7 @@ train_seconds=${TRAIN_SECONDS:-240}
 probe_steps=${PROBE_STEPS:-240}
 device=${DEVICE:-cuda}
 export TRAIN_SECONDS=$train_seconds PROBE_STEPS=$probe_steps
-runs=${RUNS:-train_scratch_gpu}
+runs=${RUNS:-train_rollout_history_gpu train_scratch_gpu}
 mkdir -p "$out"
 status=0
 
