@@ -8,18 +8,24 @@ computes it. Two contexts:
 - `CachedAttention`: one autoregressive step of a batch of worlds. Each world's queries see the slots its
   `CachePolicy` exposes plus the current chunk (densely, or block-sparse through AnnSA when `SparseAttention`
   says so for this layer and step); in a commit pass the policy then stores the chunk's keys/values.
-  Worlds hold different cache lengths, so attention runs **per world over its own slots** (grouped: no padding, no
-  wasted work); projections and feed-forward layers around it stay batched over all worlds.
+  Worlds hold different cache lengths. Dense attention runs for all of them in **one call per pass**, each world's
+  slots left-padded to the longest (`StackedSlots`; the padding masked out), as long as the padding adds at most
+  `MAX_PADDING` of the slots attended; worlds further apart in length, and AnnSA, attend **per world over its own
+  slots**. Projections and feed-forward layers around attention always run batched over all worlds.
 
 Both rotate queries and keys (3D RoPE) here, at attention time, so caches hold pre-rotary keys; within one engine
 step the rotated cache slots are computed once and shared by its passes (`StepSlots`). The softmax itself
 is `torch.nn.functional.scaled_dot_product_attention` with an optional additive per-key bias (log m of merged
-slots, FAST-AR Lemma 5.1).
+slots, FAST-AR Lemma 5.1). The engine runs its forwards under `without_cudnn_attention`: a step's shapes change
+every frame (cache lengths), and cuDNN's attention, first in PyTorch's order on Hopper GPUs, builds a graph for
+every shape it has not seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +36,30 @@ from engine.kv_cache import WorldCache
 from engine.policies import CachePolicy
 from engine.rope import Rope3D
 from engine.sparse_attention import SortedSlots, SparseAttention
+
+# Dense attention of a batch's worlds runs in one padded call while padding adds at most this share to the keys
+# attended (worlds at different frame counts under `dense`, or whose TempCaches merged differently), by device
+# type; beyond it, one call per world. On a CPU the padded call does the padding's arithmetic too, so the share is
+# kept small; on a GPU a call costs its launch, far more than this model's arithmetic per call (docs/engine.md,
+# "World API").
+MAX_PADDING = {"cpu": 0.5, "cuda": 4.0}
+
+
+@contextmanager
+def without_cudnn_attention() -> Iterator[None]:
+    """Scaled-dot-product attention without the cuDNN backend inside the block, unless the caller chose cuDNN
+    alone (`torch.nn.attention.sdpa_kernel`). cuDNN builds and caches a graph per new shape, on the host, and a
+    world's cache length is a new shape nearly every frame; the flash and memory-efficient kernels take any."""
+    backends = torch.backends.cuda
+    others = backends.flash_sdp_enabled() or backends.mem_efficient_sdp_enabled() or backends.math_sdp_enabled()
+    if not (backends.cudnn_sdp_enabled() and others):
+        yield
+        return
+    backends.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        backends.enable_cudnn_sdp(True)
 
 
 class AttentionContext(Protocol):
@@ -90,10 +120,29 @@ class SequenceAttention:
 
 
 @dataclass
+class StackedSlots:
+    """The visible slots of one layer of a batch's B worlds for one step, left-padded to the longest: key, value
+    (B, S + N, h, d) hold world b's S_b slots (keys rotated) at [S - S_b, S), zeros before them and then N rows for
+    the current chunk, which every pass writes in place for all worlds at once; bias (B, S + N) float32, -inf on
+    the padding and log m on merged slots, or None where there is neither. Each world's `RotatedSlots` is a view
+    of its row."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    bias: torch.Tensor | None
+    slots: int  # S
+
+    @property
+    def worlds(self) -> int:
+        return self.key.shape[0]
+
+
+@dataclass
 class RotatedSlots:
     """One world's keys and values of one layer for one step: key, value (S + N, h, d) hold the S visible cache
     slots (keys rotated; the first `sinks` are sink slots) and then N rows for the current chunk, which every pass
-    writes in place; bias (S + N,) or None. Once AnnSA needs them, `sorted` holds the same slots in its order."""
+    writes in place; bias (S + N,) or None. Once AnnSA needs them, `sorted` holds the same slots in its order.
+    Where the batch attends together they are row `row` of `stack`."""
 
     key: torch.Tensor
     value: torch.Tensor
@@ -101,6 +150,8 @@ class RotatedSlots:
     sinks: int
     slots: int  # S
     sorted: SortedSlots | None = None
+    stack: StackedSlots | None = None
+    row: int = 0
 
 
 class StepSlots:
@@ -111,6 +162,7 @@ class StepSlots:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, int], RotatedSlots] = {}
+        self._stacks: dict[int, StackedSlots] = {}
 
     def get(self, world: int, layer: int) -> RotatedSlots | None:
         return self._slots.get((world, layer))
@@ -121,6 +173,15 @@ class StepSlots:
 
     def drop(self, world: int, layer: int) -> None:
         self._slots.pop((world, layer), None)
+        self._stacks.pop(layer, None)
+
+    def stack(self, layer: int) -> StackedSlots | None:
+        """Every world's slots of `layer`, padded and stacked, once the batch has attended together."""
+        return self._stacks.get(layer)
+
+    def put_stack(self, layer: int, stack: StackedSlots) -> StackedSlots:
+        self._stacks[layer] = stack
+        return stack
 
     def of_world(self, world: int) -> dict[int, RotatedSlots]:
         """World `world`'s slots, per layer: what a later commit pass of the chunk this step made reads."""
@@ -194,7 +255,13 @@ class CachedAttention:
         rotated = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.row_turns)
         q_rot, k_rot = rotated.chunk(2, dim=2)
         passes, out = q.shape[0] // worlds, torch.empty_like(q)  # out (P B, N, h, d)
-        if sparse is not None or not self._attend_together(layer, n, q_rot, k_rot, v, out):
+        stack = None if sparse is not None else self._stack(layer, n)
+        if stack is not None:
+            for first in range(0, q.shape[0], worlds):  # pass by pass: rows p B .. p B + B - 1
+                rows = slice(first, first + worlds)
+                stack.key[:, stack.slots :], stack.value[:, stack.slots :] = k_rot[rows], v[rows]
+                out[rows] = attend_worlds(q_rot[rows], stack.key, stack.value, stack.bias)
+        else:
             for b in range(worlds):
                 slots = self._slots(b, layer, n)
                 rows = slice(b, None, worlds)  # world b's rows, one per pass
@@ -218,29 +285,53 @@ class CachedAttention:
                 self.shared.drop(b, layer)  # stale now that the cache has changed; freed layer by layer
         return out
 
-    def _attend_together(
-        self, layer: int, n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
-    ) -> bool:
-        """Dense attention of all worlds in one call per pass, where there are several and each shows the same
-        number of slots, all with a bias or none (the worlds of a training rollout, which observed the same
-        frames): rotated q and k, and v (P B, N, h, d) -> `out`, written in place. On a GPU a call per world and
-        pass costs far more than its arithmetic (about 1 ms each on an H200, README "On a GPU"). Returns False,
-        having written nothing, where the worlds differ."""
+    def _stack(self, layer: int, n: int) -> StackedSlots | None:
+        """The slots of every world of the batch for dense attention in one call per pass (`StackedSlots`), built
+        once per step and layer; None for a single world, or where padding to the longest world would add more
+        than `MAX_PADDING` of the slots attended (then each world attends alone)."""
         worlds = len(self.caches)
         if worlds == 1:
-            return False
-        slots = [self._slots(b, layer, n) for b in range(worlds)]
-        if len({s.slots for s in slots}) > 1 or len({s.bias is None for s in slots}) > 1:
-            return False
-        # stacked once per call: each world keeps a buffer of its own (caches grow and shrink apart)
-        key, value = torch.stack([s.key for s in slots]), torch.stack([s.value for s in slots])  # (B, S + N, h, d)
-        bias = None if slots[0].bias is None else torch.stack([s.bias for s in slots])  # (B, S + N)
-        S = slots[0].slots
-        for first in range(0, q.shape[0], worlds):  # pass by pass: rows p B .. p B + B - 1
-            rows = slice(first, first + worlds)
-            key[:, S:], value[:, S:] = k[rows], v[rows]
-            out[rows] = attend_worlds(q[rows], key, value, bias)
-        return True
+            return None
+        stack = self.shared.stack(layer)
+        if stack is not None:
+            return stack
+        carried = [self.shared.get(b, layer) for b in range(worlds)]  # a commit pass's: its denoising's slots
+        first = carried[0].stack if carried[0] is not None else None
+        if (
+            first is not None
+            and first.worlds == worlds
+            and all(c is not None and c.stack is first and c.row == b for b, c in enumerate(carried))
+        ):
+            return self.shared.put_stack(layer, first)  # the same worlds in the same order: their stack as it was
+        views = [self.policy.view(self.caches[b].layers[layer]) if c is None else None for b, c in enumerate(carried)]
+        lengths = [c.slots if c is not None else view.key.shape[0] for c, view in zip(carried, views)]
+        S = max(lengths)
+        limit = MAX_PADDING.get(self.pos.device.type, MAX_PADDING["cpu"])
+        if worlds * (S + n) > (1 + limit) * (sum(lengths) + worlds * n):
+            return None
+        given = next(c.key if c is not None else view.key for c, view in zip(carried, views))
+        key = given.new_zeros(worlds, S + n, *given.shape[1:])  # zeros: a masked key must still score finite
+        value = torch.zeros_like(key)
+        merged = any((c.bias if c is not None else view.bias) is not None for c, view in zip(carried, views))
+        bias = key.new_zeros(worlds, S + n, dtype=torch.float32) if merged or min(lengths) < S else None
+        stack = StackedSlots(key, value, bias, S)
+        for b, (c, view, s) in enumerate(zip(carried, views, lengths)):
+            start = S - s
+            if c is not None:
+                key[b, start:S], value[b, start:S] = c.key[:s], c.value[:s]
+                given_bias, sinks = None if c.bias is None else c.bias[:s], c.sinks
+            else:
+                key[b, start:S], value[b, start:S] = self.rope.rotate(view.key, view.pos), view.value
+                given_bias, sinks = view.bias, view.sinks
+            if bias is not None:
+                bias[b, :start] = -math.inf
+                if given_bias is not None:
+                    bias[b, start:S] = given_bias
+            row_bias = None if bias is None else bias[b, start:]
+            self.shared.put(
+                b, layer, RotatedSlots(key[b, start:], value[b, start:], row_bias, sinks, s, stack=stack, row=b)
+            )
+        return self.shared.put_stack(layer, stack)
 
     def cross_sparse(self, layer: int) -> bool:
         """Whether AnnCA prunes the prompt in this layer of this forward."""

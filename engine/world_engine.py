@@ -5,8 +5,9 @@
     [frames] = engine.step([world], [Action(frozenset({"KeyW"}))])   # chunk_frames uint8 (H, W, 3) arrays
 
 One `step` is one batched call for all the worlds given: projections and feed-forward layers run over the whole
-batch; attention runs per world over its own cache length (see engine/attention.py), so worlds that started at
-different times batch together without padding.
+batch; dense attention runs over all worlds at once, each world's cache padded to the longest, where the padding
+stays small, and per world over its own cache length otherwise (see engine/attention.py), so worlds that started
+at different times batch together.
 
 `step` is `predict` (denoise and decode the next chunk) followed by the commit (write it into the caches: with
 `sampler.reencode`, the encoding of its decoded frames, as `observe` writes true frames). The commit of a step's
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from engine.actions import IDLE, Action
-from engine.attention import CachedAttention, FoldedCommit, RotatedSlots, StepSlots
+from engine.attention import CachedAttention, FoldedCommit, RotatedSlots, StepSlots, without_cudnn_attention
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
 from engine.kv_cache import WorldCache
@@ -264,7 +265,8 @@ class WorldEngine:
         if pending:
             commit = self._commit(pending)
             dit = self.model.dit
-            dit.write_keys(commit.x, commit.t, commit.actions, commit.prompt, commit.attention, commit.previous)
+            with without_cudnn_attention():
+                dit.write_keys(commit.x, commit.t, commit.actions, commit.prompt, commit.attention, commit.previous)
             for world in pending:
                 world.pending = None
 
@@ -329,7 +331,8 @@ class WorldEngine:
                 guided = guided + action_guidance * (v_prompt - rest.pop(0))
             return guided
 
-        clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
+        with without_cudnn_attention():  # shapes that change every frame (engine/attention.py)
+            clean = self.sampler.sample(velocity, noise)  # (B, T, C, h, w)
         return _Chunk(clean, encoded, shared)
 
     def _history(self, clean: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,14 +8,19 @@ on a GPU); then, each in a world of its own, `--timed` frames under each scaled-
 the device has (`torch.nn.attention.sdpa_kernel` with that backend alone; "default" is PyTorch's own choice); then,
 under `dense` (the engine a training rollout uses), `--worlds` worlds that have seen the same number of frames step
 together, once attending in one call per pass (the engine's way for such worlds) and once in one call per world and
-pass. The JSON holds SDPA calls per frame, the step's median time per backend (or the error that backend raised),
-the dense step of the worlds both ways, and the profiler's busiest operators by their own CPU time (with their GPU
+pass; and `--worlds` worlds of the engine's own policy, each `--apart` frames ahead of the next (sessions that
+joined at different times), the same two ways (padded to the longest world where the engine pads, docs/engine.md).
+The JSON holds SDPA calls per frame, the step's median time per backend (or the error that backend raised),
+both batched steps both ways, and the profiler's busiest operators by their own CPU time (with their GPU
 time on a GPU); `--out` also writes the profiler's whole table (profile.txt) and the JSON (profile.json).
 
 Why it exists: on a lent H200 on 2026-11-29 a step of the default model took 65 to 110 ms whatever the cache's
 length, and under cProfile two thirds of it was spent inside scaled_dot_product_attention's calls, about 1 ms each,
 60 per frame; a GPU should step this model in a few ms. This script tells whether one backend is the cost, and
-what attending in fewer calls saves.
+what attending in fewer calls saves. The likeliest cause, not yet measured: on Hopper GPUs PyTorch (2.11, with the cuDNN
+its wheels bundle) tries cuDNN's attention first, which builds a graph for every shape it has not seen, and a
+world's cache length changes nearly every frame. The engine now steps without it (engine/attention.py,
+`without_cudnn_attention`): "default" below is its choice, "CUDNN_ATTENTION" forces cuDNN back.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ TOP_OPERATORS = 25
 
 
 def profile_step(
-    engine: WorldEngine, warmup: int, profiled: int, timed: int, worlds: int = 8
+    engine: WorldEngine, warmup: int, profiled: int, timed: int, worlds: int = 8, apart: int = 4
 ) -> tuple[dict[str, Any], str]:
     """Profile and time as the module docstring says; returns the summary and the profiler's table."""
     cuda = engine.device.type == "cuda"
@@ -82,8 +87,13 @@ def profile_step(
             backends[name] = {"error": str(error).splitlines()[0][:300]}
     rollout = rollout_engine(engine.model, engine.config)  # dense, as a training rollout's
     together = {"worlds": worlds, "one_call_per_pass": _World(rollout, warmup, worlds).median(timed)}
-    with mock.patch.object(CachedAttention, "_attend_together", return_value=False):
+    alone = mock.patch.object(CachedAttention, "_stack", return_value=None)
+    with alone:
         together["one_call_per_world_and_pass"] = _World(rollout, warmup, worlds).median(timed)
+    staggered = {"worlds": worlds, "frames_apart": apart}
+    staggered["one_call_per_pass"] = _World(engine, warmup, worlds, apart).median(timed)
+    with alone:
+        staggered["one_call_per_world_and_pass"] = _World(engine, warmup, worlds, apart).median(timed)
     summary = {
         "device": torch.cuda.get_device_name(engine.device) if cuda else "cpu",
         "torch": torch.__version__,
@@ -95,6 +105,7 @@ def profile_step(
         "sdpa_calls_per_frame": round(sdpa / profiled, 2),
         "step_ms_median_by_sdpa_backend": backends,
         "dense_step_of_worlds_ms_median": together,
+        "step_of_staggered_worlds_ms_median": staggered,
         "busiest_operators": operators,
     }
     sort = f"self_{'cuda' if cuda else 'cpu'}_time_total"
@@ -102,11 +113,16 @@ def profile_step(
 
 
 class _World:
-    """`count` worlds (seeds 0 .., no prompt) under random actions, stepped together `warmup` frames."""
+    """`count` worlds (seeds 0 .., no prompt) under random actions, world i first stepped alone (count - 1 - i)
+    `apart` frames, then all together `warmup` frames."""
 
-    def __init__(self, engine: WorldEngine, warmup: int, count: int = 1) -> None:
+    def __init__(self, engine: WorldEngine, warmup: int, count: int = 1, apart: int = 0) -> None:
         self.engine, self.worlds = engine, [engine.new_world(seed=seed) for seed in range(count)]
         self.actions = itertools.cycle(random_actions(1000, seed=0))
+        chunk = engine.chunk_frames
+        for i, world in enumerate(self.worlds):
+            for _ in range(0, (count - 1 - i) * apart, chunk):
+                engine.step([world], [[next(self.actions) for _ in range(chunk)]])
         self.steps(warmup)
 
     def steps(self, frames: int) -> list[float]:
@@ -135,14 +151,15 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=10, help="frames under the profiler")
     parser.add_argument("--timed", type=int, default=15, help="frames per SDPA backend and per way of batching")
     parser.add_argument("--worlds", type=int, default=8, help="worlds that step together in the batching comparison")
+    parser.add_argument("--apart", type=int, default=4, help="frames between the staggered worlds' ages")
     parser.add_argument("--out", help="folder for profile.txt and profile.json")
     parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE", help="config key")
     args = parser.parse_args()
-    if min(args.warmup, args.profile, args.timed) < 1 or args.worlds < 2:
-        parser.error("--warmup, --profile and --timed must be at least 1, --worlds at least 2")
+    if min(args.warmup, args.profile, args.timed) < 1 or args.worlds < 2 or args.apart < 0:
+        parser.error("--warmup, --profile and --timed must be at least 1, --worlds at least 2, --apart at least 0")
     overrides = {**ATTENTION_PRESETS[args.preset], "runtime.device": args.device, **dict(args.set)}
     engine = WorldEngine.from_config(load_config(args.config, overrides))
-    summary, table = profile_step(engine, args.warmup, args.profile, args.timed, args.worlds)
+    summary, table = profile_step(engine, args.warmup, args.profile, args.timed, args.worlds, args.apart)
     summary["preset"] = args.preset
     if args.out:
         out = Path(args.out)

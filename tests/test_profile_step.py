@@ -1,5 +1,6 @@
 """scripts/profile_step.py, the GPU check's account of where a step's time goes: it profiles, times both ways of
-attending for worlds of one length, and reports a backend that cannot serve the step without stopping the others."""
+attending for worlds of one length and of different ages, and reports a backend that cannot serve the step without
+stopping the others."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def test_the_profile_counts_attention_calls_and_times_each_backend() -> None:
     assert summary["busiest_operators"] and "scaled_dot_product" in table
     together = summary["dense_step_of_worlds_ms_median"]
     assert together["one_call_per_pass"] > 0 and together["one_call_per_world_and_pass"] > 0
+    staggered = summary["step_of_staggered_worlds_ms_median"]
+    assert staggered["frames_apart"] == 4 and staggered["one_call_per_pass"] > 0
+    assert staggered["one_call_per_world_and_pass"] > 0
+
+
+def test_staggered_worlds_are_their_frames_apart() -> None:
+    engine = WorldEngine.from_config(tiny_config())
+    worlds = profile_step._World(engine, warmup=2, count=3, apart=3).worlds
+    assert [w.frame_index for w in worlds] == [8, 5, 2]
 
 
 def test_a_backend_the_device_lacks_is_reported_and_the_next_still_timed(monkeypatch) -> None:

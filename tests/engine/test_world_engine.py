@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import IDLE, Action, WorldEngine, attention
 from engine.attention import attend as _attend
@@ -45,7 +46,7 @@ def test_actions_and_prompts_change_the_frames(tiny_engine: WorldEngine) -> None
 def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> None:
     engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
     prompts = ["red brick dungeon", "", "sandstone temple"]
-    histories = [0, 2, 5]  # the worlds hold different cache lengths when they are batched
+    histories = [0, 2, 5]  # different cache lengths: padded together in some steps, alone in others (MAX_PADDING)
     plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
 
     def prepared():
@@ -65,30 +66,74 @@ def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> 
     assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
 
 
-@pytest.mark.parametrize("policy", ["dense", "window", "tempcache"])
-def test_worlds_of_one_length_attend_together_as_each_would_alone(policy: str, monkeypatch) -> None:
-    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
+def _twin_batches(engine: WorldEngine, histories: tuple[int, ...]) -> tuple[list, list]:
+    """Two identical batches of worlds (prompts and seeds of their own), world i stepped histories[i] frames."""
     prompts = ["red brick dungeon", "", "sandstone temple"]
-    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
 
     def prepared():
         worlds = [engine.new_world(prompt=p, seed=10 + i) for i, p in enumerate(prompts)]
-        for _ in range(4):  # the same number of frames in each: the same number of slots under dense and window
-            engine.step(worlds, [TURN] * len(worlds))
+        for world, frames in zip(worlds, histories):
+            for _ in range(frames):
+                engine.step([world], [TURN])
         return worlds
 
-    batched_worlds, single_worlds = prepared(), prepared()
+    return prepared(), prepared()
+
+
+@pytest.mark.parametrize("policy", ["dense", "window", "tempcache"])
+@pytest.mark.parametrize("histories", [(4, 4, 4), (3, 4, 6)], ids=["one-length", "padded"])
+def test_worlds_attend_together_as_each_would_alone(policy: str, histories: tuple[int, ...], monkeypatch) -> None:
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
+    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
+    batched_worlds, single_worlds = _twin_batches(engine, histories)
     alone = []  # calls of one world's attention
     monkeypatch.setattr(attention, "attend", lambda *args: alone.append(1) or _attend(*args))
     for step in range(3):
         alone.clear()
         batched = engine.step(batched_worlds, [plan[step] for plan in plans])
-        if policy != "tempcache":  # whose slots merge by content, so that worlds may show different numbers
+        # dense: 3 to 8 frames of 16 slots, padded to the longest within MAX_PADDING; window: at most 4 frames.
+        # (TempCache's slots merge by content, so its worlds may lie further apart.)
+        if policy != "tempcache":
             assert not alone
         singles = [engine.step([w], [plan[step]])[0] for w, plan in zip(single_worlds, plans)]
         for b, s in zip(batched, singles):
             assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1  # batched matmuls may round differently
     assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
+
+
+def test_worlds_far_apart_in_length_attend_one_by_one(monkeypatch) -> None:
+    engine = WorldEngine.from_config(tiny_config())  # dense
+    batched_worlds, single_worlds = _twin_batches(engine, (0, 0, 12))
+    alone = []
+    monkeypatch.setattr(attention, "attend", lambda *args: alone.append(1) or _attend(*args))
+    # padded to the third world's 12 frames, the batch would attend 3 x 13 frames for its 15: beyond MAX_PADDING
+    batched = engine.step(batched_worlds, [FORWARD] * 3)
+    depth, forwards = engine.config.model.depth, engine.sampler.steps
+    # every world, layer and forward on its own, and the commit pass of the third world's last frame (alone in it)
+    assert len(alone) == 3 * depth * forwards + depth
+    singles = [engine.step([w], [FORWARD])[0] for w in single_worlds]
+    for b, s in zip(batched, singles):
+        assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
+
+
+def test_a_batch_stacks_its_slots_once_a_step_and_its_commit_pass_reuses_them(monkeypatch) -> None:
+    engine = WorldEngine.from_config(tiny_config())
+    worlds, _ = _twin_batches(engine, (2, 3, 3))
+    engine.step(worlds, [FORWARD] * 3)  # the batch's first step together: the next commits the chunks it made
+    stacks = []
+
+    class Counted(attention.StackedSlots):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            stacks.append(1)
+
+    monkeypatch.setattr(attention, "StackedSlots", Counted)
+    engine.step(worlds, [TURN] * 3)
+    # one stack per layer for the step's denoising forwards; the commit pass read its last step's as they were
+    assert len(stacks) == engine.config.model.depth
+    stacks.clear()
+    engine.step(worlds[:2], [TURN] * 2)  # another batch: its commit pass stacks its slots anew
+    assert len(stacks) == 2 * engine.config.model.depth
 
 
 def test_guidance_strengthens_the_prompt_and_leaves_an_empty_prompt_alone(tiny_engine: WorldEngine) -> None:
@@ -467,3 +512,21 @@ def test_without_reencoding_the_history_holds_the_denoised_latents() -> None:
     engine.flush([stepping])
     # decoding to uint8 and encoding again is not the identity: the caches differ
     assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(_cached(stepping), _cached(observing), strict=True))
+
+
+def test_the_engine_steps_without_cudnn_attention_and_restores_it(tiny_engine: WorldEngine, monkeypatch) -> None:
+    backends = torch.backends.cuda
+    seen = []  # whether cuDNN attention was enabled at each of the step's attention calls
+    monkeypatch.setattr(attention, "attend", lambda *args: seen.append(backends.cudnn_sdp_enabled()) or _attend(*args))
+    world = tiny_engine.new_world(seed=0)
+    for _ in range(2):  # the second step's first forward also commits the first step's frame
+        tiny_engine.step([world], [FORWARD])
+    tiny_engine.flush([world])
+    assert seen and not any(seen) and backends.cudnn_sdp_enabled()
+
+
+def test_a_caller_that_chose_cudnn_attention_alone_keeps_it() -> None:
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), attention.without_cudnn_attention():
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]), attention.without_cudnn_attention():
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
