@@ -2,9 +2,10 @@
 # Every GPU check of the project in one run that ends within BUDGET_SECONDS (default 520 s, so that it fits the
 # 10-minute calls of a lent GPU machine with room for its start):
 #   1. where a step of the default model's time goes (scripts/profile_step.py, tempcache+annsa): torch.profiler's
-#      busiest operators, the step time under each scaled-dot-product-attention backend, and 8 worlds' dense step
-#      with their attention in one call per pass against one per world and pass, first and alone on the machine
-#      (on an H200 on 2026-11-29 a step took 65 to 110 ms, two thirds of it inside SDPA's calls)
+#      busiest operators, the step time under each scaled-dot-product-attention backend (cuDNN's, which the engine
+#      now leaves out, forced back alone), and 8 worlds' step with their attention in one call per pass against one
+#      per world and pass, of one length (dense) and 4 frames apart (padded), first and alone on the machine (on an
+#      H200 on 2026-11-29 a step took 65 to 110 ms, two thirds of it inside SDPA's calls)
 #   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
 #      background beside 3 (they check results, not speed)
 #   3. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
@@ -69,9 +70,9 @@ print(f"gpu_check: torch {torch.__version__} on {name}, {torch.get_num_threads()
 PY
 
 echo "== 1/6 where a step's time goes on $device: profiler and SDPA backends, default model, tempcache+annsa"
-timeout 90 "$python" scripts/profile_step.py --device "$device" --out "$out/profile_step" \
+timeout 150 "$python" scripts/profile_step.py --device "$device" --out "$out/profile_step" \
     > "$out/profile_step.json" 2> "$out/profile_step.err" || { tail -n 5 "$out/profile_step.err"; status=1; }
-"$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print('SDPA calls per frame', d['sdpa_calls_per_frame']); print('step ms by SDPA backend', json.dumps(d['step_ms_median_by_sdpa_backend'])); print('dense step of worlds, ms', json.dumps(d['dense_step_of_worlds_ms_median']))" "$out/profile_step/profile.json" || status=1
+"$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print('SDPA calls per frame', d['sdpa_calls_per_frame']); print('step ms by SDPA backend', json.dumps(d['step_ms_median_by_sdpa_backend'])); print('dense step of worlds, ms', json.dumps(d['dense_step_of_worlds_ms_median'])); print('step of staggered worlds, ms', json.dumps(d['step_of_staggered_worlds_ms_median']))" "$out/profile_step/profile.json" || status=1
 
 echo "== 2/6 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
 timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
