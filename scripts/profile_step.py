@@ -11,16 +11,18 @@ together, once attending in one call per pass (the engine's way for such worlds)
 pass; and `--worlds` worlds of the engine's own policy, each `--apart` frames ahead of the next (sessions that
 joined at different times), the same two ways (padded to the longest world where the engine pads, docs/engine.md).
 The JSON holds SDPA calls per frame, the step's median time per backend (or the error that backend raised),
-both batched steps both ways, and the profiler's busiest operators by their own CPU time (with their GPU
+both batched steps both ways, one world's attention call timed alone per backend at a fixed shape and at a new
+shape every call (`sdpa_call_us`), and the profiler's busiest operators by their own CPU time (with their GPU
 time on a GPU); `--out` also writes the profiler's whole table (profile.txt) and the JSON (profile.json).
 
 Why it exists: on a lent H200 on 2026-11-29 a step of the default model took 65 to 110 ms whatever the cache's
 length, and under cProfile two thirds of it was spent inside scaled_dot_product_attention's calls, about 1 ms each,
 60 per frame; a GPU should step this model in a few ms. This script tells whether one backend is the cost, and
-what attending in fewer calls saves. The likeliest cause, not yet measured: on Hopper GPUs PyTorch (2.11, with the cuDNN
-its wheels bundle) tries cuDNN's attention first, which builds a graph for every shape it has not seen, and a
-world's cache length changes nearly every frame. The engine now steps without it (engine/attention.py,
-`without_cudnn_attention`): "default" below is its choice, "CUDNN_ATTENTION" forces cuDNN back.
+what attending in fewer calls saves. The likeliest cause, not yet measured: on Hopper GPUs PyTorch (2.11, with
+the cuDNN its wheels bundle) tries cuDNN's attention first, which builds a graph for every shape it has not seen,
+and a world's cache length changes nearly every frame. The engine now steps without it (engine/attention.py,
+`without_cudnn_attention`), so a step's "default" is the engine's choice and "CUDNN_ATTENTION" forces cuDNN back;
+in `sdpa_call_us`, "default" is PyTorch's own order, cuDNN first where it applies, and "engine" the engine's.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from typing import Any
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import WorldEngine, load_config  # noqa: E402
-from engine.attention import CachedAttention  # noqa: E402
+from engine.attention import CachedAttention, without_cudnn_attention  # noqa: E402
 from engine.config import ATTENTION_PRESETS  # noqa: E402
 from engine.rollout import random_actions  # noqa: E402
 from engine.train import rollout_engine  # noqa: E402
@@ -54,6 +57,7 @@ BACKENDS = {
     "cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"),
 }
 TOP_OPERATORS = 25
+SDPA_CALLS = 40  # timed calls per backend and way of shaping them in `sdpa_call_us`
 
 
 def profile_step(
@@ -106,10 +110,61 @@ def profile_step(
         "step_ms_median_by_sdpa_backend": backends,
         "dense_step_of_worlds_ms_median": together,
         "step_of_staggered_worlds_ms_median": staggered,
+        "sdpa_call_us": sdpa_call_us(engine),
         "busiest_operators": operators,
     }
     sort = f"self_{'cuda' if cuda else 'cpu'}_time_total"
     return summary, averages.table(sort_by=sort, row_limit=60)
+
+
+def sdpa_call_us(engine: WorldEngine, slots: int = 528) -> dict[str, dict[str, Any]]:
+    """Microseconds per attention call of one world at the engine's shapes (its heads, head dim and dtype; one
+    chunk's queries over `slots` cache slots and the chunk, with a float bias as TempCache's), host and device
+    time together: the same shape every call, and a key length one longer every call (as a world's cache grows),
+    under PyTorch's own choice of backend ("default"), under the engine's (`without_cudnn_attention`) and under
+    each backend alone. Tells whether a backend's cost is per new shape."""
+    m, device = engine.config.model, engine.device
+    n, h, d = engine.sizes.tokens_per_frame * engine.chunk_frames, m.heads, m.head_dim
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device).to(engine.dtype)
+
+    longest = slots + n + SDPA_CALLS
+    q, k, v = randn(1, h, n, d), randn(1, h, longest, d), randn(1, h, longest, d)
+    bias = randn(1, 1, 1, longest)
+
+    def timed(grow: bool) -> float:
+        def call(i: int) -> None:
+            keys = slots + n + (i if grow else 0)
+            F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], attn_mask=bias[..., :keys])
+
+        call(0)  # the first shape's one-time costs, for both ways
+        _synchronize(device)
+        began = time.perf_counter()
+        for i in range(1, SDPA_CALLS + 1):
+            call(i)
+        _synchronize(device)
+        return round((time.perf_counter() - began) / SDPA_CALLS * 1e6, 1)
+
+    def both() -> dict[str, Any]:
+        try:
+            return {"same_shape": timed(grow=False), "new_shape_each_call": timed(grow=True)}
+        except RuntimeError as error:  # this backend cannot serve the call
+            return {"error": str(error).splitlines()[0][:300]}
+
+    result = {"default": both()}
+    with without_cudnn_attention():
+        result["engine"] = both()
+    for name in BACKENDS[device.type]:
+        with sdpa_kernel(getattr(SDPBackend, name)):
+            result[name] = both()
+    return result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _World:
@@ -133,8 +188,7 @@ class _World:
             actions = [next(self.actions) for _ in range(chunk)]
             began = time.perf_counter()
             self.engine.step(self.worlds, [actions] * len(self.worlds))
-            if self.engine.device.type == "cuda":
-                torch.cuda.synchronize(self.engine.device)
+            _synchronize(self.engine.device)
             times.append((time.perf_counter() - began) * 1e3)
         return times
 

@@ -27,6 +27,9 @@ def test_the_profile_counts_attention_calls_and_times_each_backend() -> None:
     assert summary["busiest_operators"] and "scaled_dot_product" in table
     together = summary["dense_step_of_worlds_ms_median"]
     assert together["one_call_per_pass"] > 0 and together["one_call_per_world_and_pass"] > 0
+    calls = summary["sdpa_call_us"]
+    assert set(calls) == {"default", "engine", "FLASH_ATTENTION", "MATH"}
+    assert all(c["same_shape"] > 0 and c["new_shape_each_call"] > 0 for c in calls.values())
     staggered = summary["step_of_staggered_worlds_ms_median"]
     assert staggered["frames_apart"] == 4 and staggered["one_call_per_pass"] > 0
     assert staggered["one_call_per_world_and_pass"] > 0
@@ -45,3 +48,5 @@ def test_a_backend_the_device_lacks_is_reported_and_the_next_still_timed(monkeyp
     backends = summary["step_ms_median_by_sdpa_backend"]
     assert "error" in backends["EFFICIENT_ATTENTION"]
     assert backends["MATH"]["step_ms_median"] > 0
+    assert "error" in summary["sdpa_call_us"]["EFFICIENT_ATTENTION"]
+    assert summary["sdpa_call_us"]["MATH"]["same_shape"] > 0
