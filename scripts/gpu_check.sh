@@ -7,7 +7,8 @@
 #      per world and pass, of one length (dense) and 4 frames apart (padded), first and alone on the machine (on an
 #      H200 on 2026-11-29 a step took 65 to 110 ms, two thirds of it inside SDPA's calls), and one attention call
 #      timed alone per backend at a fixed shape and at a new shape every call (is the cost per new shape?)
-#   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors), in the
+#   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors, worlds of
+#      different lengths padded into one attention call on CUDA as each would step alone), in the
 #      background beside 3 (they check results, not speed)
 #   3. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
 #      train_rollout_history_gpu, training on the model's own rollouts, whose rollouts took 4.7 s a step on that
@@ -78,7 +79,8 @@ timeout 150 "$python" scripts/profile_step.py --device "$device" --out "$out/pro
 
 echo "== 2/6 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
 timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
-    tests/engine/test_ann.py tests/engine/kernels/test_block_sparse.py > "$out/gpu_tests.txt" 2>&1 &
+    tests/engine/test_ann.py tests/engine/kernels/test_block_sparse.py tests/engine/test_world_engine.py \
+    > "$out/gpu_tests.txt" 2>&1 &
 tests=$!
 
 echo "== 3/6 training on $device: probe, then ${train_seconds} s runs of $runs"

@@ -530,3 +530,20 @@ def test_a_caller_that_chose_cudnn_attention_alone_keeps_it() -> None:
         assert torch.backends.cuda.cudnn_sdp_enabled()
     with sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]), attention.without_cudnn_attention():
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["dense", "tempcache"])
+def test_on_a_gpu_worlds_far_apart_attend_padded_as_each_would_alone(policy: str, monkeypatch) -> None:
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}, runtime={"device": "cuda"}))
+    batched_worlds, single_worlds = _twin_batches(engine, (0, 2, 12))  # apart beyond a CPU's padding, not a GPU's
+    alone = []
+    monkeypatch.setattr(attention, "attend", lambda *args: alone.append(1) or _attend(*args))
+    for _ in range(3):
+        alone.clear()
+        batched = engine.step(batched_worlds, [FORWARD, TURN, IDLE])
+        if policy == "dense":
+            assert not alone  # step k pads to 3 x (13 + k) frames for 17 + 3 k: within a GPU's MAX_PADDING
+        singles = [engine.step([w], [a])[0] for w, a in zip(single_worlds, [FORWARD, TURN, IDLE])]
+        for b, s in zip(batched, singles):
+            assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
