@@ -211,6 +211,14 @@ class PooledEpisode:
     latents: torch.Tensor | None = None
 
 
+def _leave_stop_signals() -> None:
+    """A recording worker ignores SIGINT and SIGTERM: a stop sent to the whole process group (Ctrl-C in a terminal,
+    `timeout`, a container's stop) is the training process's to handle, which finishes its step, saves and then
+    closes the workers. Killed with it, they would break the pool under the step and lose what it had not saved."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EpisodePool:
     """The `size` most recent episodes of training stream `seed`; `advance` records the next one in place of the
     oldest. Its contents are a function of (seed, next index), so a resumed run rebuilds the same pool, and so
@@ -225,7 +233,9 @@ class EpisodePool:
         self._ahead: dict[int, Future] = {}  # episode index -> its recording in a worker
         if train.record_workers > 0:
             # spawn, not fork: the training process may hold CUDA, which a forked child must not touch
-            self._executor = ProcessPoolExecutor(train.record_workers, mp_context=multiprocessing.get_context("spawn"))
+            self._executor = ProcessPoolExecutor(
+                train.record_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_stop_signals
+            )
 
     def fill(self, next_index: int) -> None:
         """Rebuild the pool so that its newest episode is `next_index - 1`."""
@@ -531,7 +541,8 @@ def learning_rate(phase: PhaseConfig, step: int) -> float:
 
 class TrainingRun:
     """One run folder (module docstring): `run()` trains until its phases are done, `max_minutes` have passed
-    since it was called, it has taken `max_steps` optimiser steps, or SIGTERM arrives; it saves before returning."""
+    since it was called, it has taken `max_steps` optimiser steps, or SIGTERM or SIGINT (Ctrl-C) arrives; it saves
+    before returning. A second SIGINT while it finishes its step stops it at once, without saving."""
 
     def __init__(
         self,
@@ -718,15 +729,20 @@ class TrainingRun:
 
     def run(self) -> None:
         self._session_started = time.perf_counter()
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        previous = {stop: signal.signal(stop, self._request_stop) for stop in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.phase != "done" and not self._out_of_time():
                 self._run_phase()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
 
-    def _request_stop(self, *_: Any) -> None:
+    def _request_stop(self, received: int, _: Any) -> None:
+        if self._stop and received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now
         self._stop = True
+        name = signal.Signals(received).name
+        print(f"\n{name}: stopping after this step and saving (Ctrl-C again stops at once)", file=sys.stderr)
 
     def _out_of_time(self) -> bool:
         if self.max_steps is not None and self._session_steps >= self.max_steps:

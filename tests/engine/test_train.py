@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,7 @@ from engine.train import (
     train,
 )
 from server.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 TINY_TRAIN = {
     "seed": 3,
@@ -493,3 +499,43 @@ def test_a_run_through_all_three_phases_resumes_to_the_same_weights(tmp_path: Pa
     reference = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
     for name, value in reference["discriminator"].items():
         torch.testing.assert_close(state["discriminator"][name], value, rtol=0, atol=0, msg=name)
+
+
+def _stopped_by_the_process_group(command: list[str], log: Path, stop: signal.Signals) -> tuple[str, str]:
+    """Run `command` in a process group of its own (a terminal's job), wait until `log` has 3 more lines, then
+    send `stop` to the whole group; returns its stdout and stderr once it has exited, with status 0."""
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= before + 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        os.killpg(process.pid, stop)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr
+    return stdout, stderr
+
+
+def test_a_stop_sent_to_the_whole_process_group_saves_the_run(tmp_path: Path):
+    """Ctrl-C in a terminal, `timeout` and a container's stop signal every process of the group, the recording
+    workers included: the run still finishes its step, saves and exits cleanly, and resumes from there."""
+    config, schedule, out = tmp_path / "config.yaml", tmp_path / "train.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(TINY))
+    long = {**TINY_TRAIN["autoencoder"], "steps": 100_000, "refresh_every": 1}  # a new episode every step
+    schedule.write_text(yaml.safe_dump({**TINY_TRAIN, "record_workers": 1, "autoencoder": long}))
+    command = [sys.executable, "-m", "server.cli", "train", "--config", str(config), "--train-config", str(schedule)]
+    command += ["--out", str(out), "--device", "cpu"]
+    log, steps = out / "log.jsonl", []
+    for stop in (signal.SIGTERM, signal.SIGINT):  # the second run resumes the first
+        stdout, stderr = _stopped_by_the_process_group(command, log, stop)
+        assert "stopped after" in stdout and f"{stop.name}: stopping after this step" in stderr
+        saved = torch.load(out / "state.pt", weights_only=True)
+        assert saved["phase"] == "autoencoder" and saved["step"] == json.loads(log.read_text().splitlines()[-1])["step"]
+        steps.append(saved["step"])
+    assert 3 <= steps[0] and steps[0] + 3 <= steps[1]
