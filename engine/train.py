@@ -61,6 +61,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,10 @@ class PooledEpisode:
     actions: torch.Tensor
     frames: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on, having saved what it could; the message says how to resume."""
 
 
 def _leave_stop_signals() -> None:
@@ -803,6 +808,12 @@ class TrainingRun:
             bar.close()
             if self.step >= phase.steps:
                 self._finish_phase()
+        except BrokenProcessPool as error:  # a worker was killed from outside (the system's out-of-memory killer)
+            self.save()  # each step is whole: the pool is a function of the step, rebuilt as it was on resume
+            raise TrainingError(
+                f"an episode-recording worker process died ({error}); the run saved at phase {self.phase}, step "
+                f"{self.step}: run the same command to resume (record_workers: 0 records in the training process)"
+            ) from error
         finally:
             self.pool.close()
         self.save()

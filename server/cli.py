@@ -271,14 +271,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from engine.train import load_train_config, train
+    from engine.train import TrainingError, load_train_config, train
 
     config = load_config(args.config, dict(args.overrides))
     began = time.perf_counter()
     schedule = load_train_config(args.train_config)
-    run = train(
-        args.out, config, schedule, args.device, args.max_minutes, max_steps=args.max_steps, init_from=args.init_from
-    )
+    try:
+        run = train(
+            args.out,
+            config,
+            schedule,
+            args.device,
+            args.max_minutes,
+            max_steps=args.max_steps,
+            init_from=args.init_from,
+        )
+    except TrainingError as error:
+        print(f"worldserve train: error: {error}", file=sys.stderr)
+        return 1
     minutes = (time.perf_counter() - began) / 60
     if run.phase == "done":
         print(f"training done in {args.out} ({run.elapsed / 60:.1f} min of steps in all): {args.out}/model.safetensors")

@@ -26,6 +26,7 @@ from engine.train import (
     Clips,
     EpisodePool,
     TrainConfig,
+    TrainingError,
     dit_loss,
     load_train_config,
     predicted_history,
@@ -539,3 +540,28 @@ def test_a_stop_sent_to_the_whole_process_group_saves_the_run(tmp_path: Path):
         assert saved["phase"] == "autoencoder" and saved["step"] == json.loads(log.read_text().splitlines()[-1])["step"]
         steps.append(saved["step"])
     assert 3 <= steps[0] and steps[0] + 3 <= steps[1]
+
+
+def test_a_worker_killed_from_outside_ends_the_run_saved_and_resumable(tmp_path: Path, monkeypatch):
+    schedule = tiny_train(record_workers=1, autoencoder={**TINY_TRAIN["autoencoder"], "refresh_every": 1})
+    advance, calls = EpisodePool.advance, []
+
+    def killing(pool: EpisodePool) -> None:  # the third step's advance: the system kills the worker first
+        calls.append(1)
+        if len(calls) == 3 + schedule.pool_episodes:  # after the pool's first fill
+            for process in list(pool._executor._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+        advance(pool)
+
+    monkeypatch.setattr(EpisodePool, "advance", killing)
+    with pytest.raises(TrainingError, match="saved at phase autoencoder, step 3: run the same command to resume"):
+        train(tmp_path / "run", tiny_config(), schedule, device="cpu", progress=False)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(EpisodePool, "advance", advance)
+    resumed = train(tmp_path / "run", tiny_config(), schedule, device="cpu", progress=False)
+    straight = train(tmp_path / "straight", tiny_config(), schedule, device="cpu", progress=False)
+    assert resumed.phase == straight.phase == "done"
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
