@@ -56,8 +56,11 @@ import copy
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -216,12 +219,22 @@ class TrainingError(RuntimeError):
     """A run that cannot go on, having saved what it could; the message says how to resume."""
 
 
-def _leave_stop_signals() -> None:
+def _start_recording_worker() -> None:
     """A recording worker ignores SIGINT and SIGTERM: a stop sent to the whole process group (Ctrl-C in a terminal,
     `timeout`, a container's stop) is the training process's to handle, which finishes its step, saves and then
-    closes the workers. Killed with it, they would break the pool under the step and lose what it had not saved."""
+    closes the workers. Killed with it, they would break the pool under the step and lose what it had not saved.
+    And it exits when the training process is gone: one killed outright (SIGKILL, the out-of-memory killer) cannot
+    close its workers, which would otherwise wait for work forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_after, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_after(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready once the training process has ended
+    os._exit(0)
 
 
 class EpisodePool:
@@ -239,7 +252,9 @@ class EpisodePool:
         if train.record_workers > 0:
             # spawn, not fork: the training process may hold CUDA, which a forked child must not touch
             self._executor = ProcessPoolExecutor(
-                train.record_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_stop_signals
+                train.record_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_recording_worker,
             )
 
     def fill(self, next_index: int) -> None:
