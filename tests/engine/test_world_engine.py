@@ -42,30 +42,6 @@ def test_actions_and_prompts_change_the_frames(tiny_engine: WorldEngine) -> None
     assert not np.array_equal(_rollout(tiny_engine, 1, [FORWARD] * 3, "wooden cabin")[-1], base[-1])
 
 
-@pytest.mark.parametrize("policy", ["dense", "window"])
-def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> None:
-    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
-    prompts = ["red brick dungeon", "", "sandstone temple"]
-    histories = [0, 2, 5]  # different cache lengths: padded together in some steps, alone in others (MAX_PADDING)
-    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
-
-    def prepared():
-        worlds = [engine.new_world(prompt=p, seed=10 + i) for i, p in enumerate(prompts)]
-        for world, frames in zip(worlds, histories):
-            for _ in range(frames):
-                engine.step([world], [TURN])
-        return worlds
-
-    batched_worlds, single_worlds = prepared(), prepared()
-    for step in range(3):
-        batched = engine.step(batched_worlds, [plan[step] for plan in plans])
-        singles = [engine.step([w], [plan[step]])[0] for w, plan in zip(single_worlds, plans)]
-        for b, s in zip(batched, singles):
-            # uint8 frames; batched matmuls may round differently in the last float bit
-            assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
-    assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
-
-
 def _twin_batches(engine: WorldEngine, histories: tuple[int, ...]) -> tuple[list, list]:
     """Two identical batches of worlds (prompts and seeds of their own), world i stepped histories[i] frames."""
     prompts = ["red brick dungeon", "", "sandstone temple"]
@@ -78,6 +54,21 @@ def _twin_batches(engine: WorldEngine, histories: tuple[int, ...]) -> tuple[list
         return worlds
 
     return prepared(), prepared()
+
+
+@pytest.mark.parametrize("policy", ["dense", "window"])
+def test_batched_step_of_three_worlds_equals_three_single_steps(policy: str) -> None:
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}))
+    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
+    # different cache lengths: padded together in some steps, alone in others (MAX_PADDING)
+    batched_worlds, single_worlds = _twin_batches(engine, (0, 2, 5))
+    for step in range(3):
+        batched = engine.step(batched_worlds, [plan[step] for plan in plans])
+        singles = [engine.step([w], [plan[step]])[0] for w, plan in zip(single_worlds, plans)]
+        for b, s in zip(batched, singles):
+            # uint8 frames; batched matmuls may round differently in the last float bit
+            assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
+    assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
 
 
 @pytest.mark.parametrize("policy", ["dense", "window", "tempcache"])
