@@ -5,7 +5,7 @@ object; run from the repository root.
 
 A world (no prompt, seed 0) steps `--warmup` frames, then `--profile` frames under torch.profiler (CPU, and CUDA
 on a GPU); then, each in a world of its own, `--timed` frames under each scaled-dot-product-attention backend that
-the device has (`torch.nn.attention.sdpa_kernel` with that backend alone; "default" is PyTorch's own choice); then,
+the device has (`torch.nn.attention.sdpa_kernel` with that backend alone; "default" is the engine's choice); then,
 under `dense` (the engine a training rollout uses), `--worlds` worlds that have seen the same number of frames step
 together, once attending in one call per pass (the engine's way for such worlds) and once in one call per world and
 pass; and `--worlds` worlds of the engine's own policy, each `--apart` frames ahead of the next (sessions that
@@ -88,7 +88,7 @@ def profile_step(
             with sdpa_kernel(getattr(SDPBackend, name)):
                 backends[name] = {"step_ms_median": world.median(timed)}
         except RuntimeError as error:  # this backend cannot serve one of the step's calls
-            backends[name] = {"error": str(error).splitlines()[0][:300]}
+            backends[name] = {"error": _first_line(error)}
     rollout = rollout_engine(engine.model, engine.config)  # dense, as a training rollout's
     together = {"worlds": worlds, "one_call_per_pass": _World(rollout, warmup, worlds).median(timed)}
     alone = mock.patch.object(CachedAttention, "_stack", return_value=None)
@@ -151,7 +151,7 @@ def sdpa_call_us(engine: WorldEngine, slots: int = 528) -> dict[str, dict[str, A
         try:
             return {"same_shape": timed(grow=False), "new_shape_each_call": timed(grow=True)}
         except RuntimeError as error:  # this backend cannot serve the call
-            return {"error": str(error).splitlines()[0][:300]}
+            return {"error": _first_line(error)}
 
     result = {"default": both()}
     with without_cudnn_attention():
@@ -160,6 +160,10 @@ def sdpa_call_us(engine: WorldEngine, slots: int = 528) -> dict[str, dict[str, A
         with sdpa_kernel(getattr(SDPBackend, name)):
             result[name] = both()
     return result
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:300]
 
 
 def _synchronize(device: torch.device) -> None:
