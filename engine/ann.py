@@ -1,8 +1,9 @@
 """Top-1 nearest-neighbour search by cosine similarity, behind one interface (FAST-AR section 2).
 
 TempCache (section 3.1) asks, once per layer per generated frame, which of the previous frame's keys each new key
-matches best. Sizes are small (M = N = 16 to ~900 vectors, D = h d = 192 to 1536), so what each call costs on top
-of the arithmetic matters. The backends, chosen once by name through `make_ann`:
+matches best, for every world of a batch at once (a leading batch dimension: one search per world, one call for
+all). Sizes are small (M = N = 16 to ~900 vectors, D = h d = 192 to 1536), so what each call costs on top of the
+arithmetic matters. The backends, chosen once by name through `make_ann`:
 
     exact   float32 cosine similarity and argmax: the reference every other backend is tested against.
     torch   the paper's default 8-bit quantised search, plain tensor ops, CPU and GPU.
@@ -25,6 +26,7 @@ class AnnBackend(Protocol):
 
     def top1(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (M, D), keys (N, D), N >= 1, any float dtype, one device -> (similarity, index), both (M,).
+        Or a batch of independent searches: queries (B, M, D), keys (B, N, D) -> both (B, M), row b searching keys[b].
 
         index (int64) points into keys at the key the backend finds most cosine-similar to each query;
         similarity (float32) is the backend's estimate of that cosine. Both are on the inputs' device. A zero vector
@@ -34,14 +36,16 @@ class AnnBackend(Protocol):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    """(n, D) any float dtype -> (n, D) float32 rows of unit length; zero rows stay zero."""
+    """(..., n, D) any float dtype -> the same rows in float32, of unit length; zero rows stay zero."""
     return F.normalize(x.detach().float(), dim=-1)
 
 
 def _check(queries: torch.Tensor, keys: torch.Tensor) -> None:
-    assert queries.dim() == 2 and keys.dim() == 2, f"want (M, D) and (N, D), got {queries.shape} and {keys.shape}"
-    assert queries.shape[1] == keys.shape[1], f"queries have D={queries.shape[1]}, keys D={keys.shape[1]}"
-    assert keys.shape[0] >= 1, "top1 needs at least one key"
+    shapes = f"{tuple(queries.shape)} and {tuple(keys.shape)}"
+    assert queries.dim() == keys.dim() in (2, 3), f"want (M, D) and (N, D), or (B, M, D) and (B, N, D); got {shapes}"
+    assert queries.shape[:-2] == keys.shape[:-2], f"queries and keys differ in batch size: {shapes}"
+    assert queries.shape[-1] == keys.shape[-1], f"queries have D={queries.shape[-1]}, keys D={keys.shape[-1]}"
+    assert keys.shape[-2] >= 1, "top1 needs at least one key"
     assert queries.device == keys.device, f"queries on {queries.device}, keys on {keys.device}"
 
 
@@ -52,7 +56,7 @@ class ExactAnn:
 
     def top1(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check(queries, keys)
-        similarity, index = (_unit(queries) @ _unit(keys).T).max(dim=1)  # (M, N) -> (M,), (M,)
+        similarity, index = (_unit(queries) @ _unit(keys).mT).max(dim=-1)  # (..., M, N) -> (..., M) twice
         return similarity, index
 
 
@@ -64,25 +68,26 @@ _EXACT_LEN = 2**24 // _INT8_MAX**2  # 1040
 
 
 def _quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, D) float32 -> codes (n, D), scale (n,) with x ~ codes * scale[:, None]: symmetric, per vector.
+    """x (..., n, D) float32 -> codes (..., n, D), scale (..., n) with x ~ codes * scale[..., None]: symmetric, per
+    vector.
 
     codes hold int8 values in [-127, 127] but stay float32, the dtype the matmul consumes; int8 values, their products
     and TF32 or bf16 conversions of them are all exact, so nothing rounds until the sums grow past 2^24.
     """
-    scale = x.abs().amax(dim=1).clamp_min(1e-12) / _INT8_MAX  # (n,); the clamp only keeps zero rows at zero
-    return torch.round(x / scale[:, None]), scale
+    scale = x.abs().amax(dim=-1).clamp_min(1e-12) / _INT8_MAX  # (..., n); the clamp only keeps zero rows at zero
+    return torch.round(x / scale[..., None]), scale
 
 
 def _int_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, D), b (N, D) integer-valued float32 codes -> (M, N) their exact dot products, as float32.
+    """a (..., M, D), b (..., N, D) integer-valued float32 codes -> (..., M, N) their exact dot products, as float32.
 
     The one rounding is the last conversion to float32, and only for |dot| > 2^24 (D > 1040, near-constant vectors).
     """
-    if a.shape[1] <= _EXACT_LEN:
-        return a @ b.T
-    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)  # |dot| <= 127^2 D << 2^31
-    for a_run, b_run in zip(a.split(_EXACT_LEN, dim=1), b.split(_EXACT_LEN, dim=1)):
-        total += (a_run @ b_run.T).to(torch.int32)
+    if a.shape[-1] <= _EXACT_LEN:
+        return a @ b.mT
+    total = torch.zeros(*a.shape[:-1], b.shape[-2], dtype=torch.int32, device=a.device)  # |dot| <= 127^2 D << 2^31
+    for a_run, b_run in zip(a.split(_EXACT_LEN, dim=-1), b.split(_EXACT_LEN, dim=-1)):
+        total += (a_run @ b_run.mT).to(torch.int32)
     return total.float()
 
 
@@ -97,18 +102,19 @@ class TorchInt8Ann:
 
     def top1(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check(queries, keys)
-        q_codes, q_scale = _quantise(_unit(queries))  # (M, D), (M,)
-        k_codes, k_scale = _quantise(_unit(keys))  # (N, D), (N,)
+        q_codes, q_scale = _quantise(_unit(queries))  # (..., M, D), (..., M)
+        k_codes, k_scale = _quantise(_unit(keys))  # (..., N, D), (..., N)
         # scale_q is one positive factor per row, so ranking each row by dot * scale_k is the dequantised ranking
-        best, index = (_int_dot(q_codes, k_codes) * k_scale).max(dim=1)  # (M, N) -> (M,), (M,)
+        best, index = (_int_dot(q_codes, k_codes) * k_scale[..., None, :]).max(dim=-1)  # (..., M, N) -> (..., M)
         return best * q_scale, index
 
 
 class FaissAnn:
     """faiss's 8-bit scalar quantiser on L2-normalised vectors, inner-product metric (the paper's FAISS back-end).
 
-    Each call trains the quantiser on that call's keys (per-dimension min/max ranges, faiss QT_8bit), encodes the keys
-    and scans them with float queries; the similarity is the query's inner product with the decoded key.
+    Each search trains the quantiser on its keys (per-dimension min/max ranges, faiss QT_8bit), encodes the keys and
+    scans them with float queries; the similarity is the query's inner product with the decoded key. A batch of
+    searches is one index per world, one after the other.
 
     CPU tensors go to a fresh `IndexScalarQuantizer` as numpy views. CUDA tensors go to faiss-gpu through
     `faiss.contrib.torch_utils`, on this instance's `StandardGpuResources` and the caller's CUDA stream. faiss-gpu has
@@ -132,6 +138,9 @@ class FaissAnn:
 
     def top1(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check(queries, keys)
+        if queries.dim() == 3:  # an index holds one set of keys: one search per world of the batch
+            found = [self.top1(q, k) for q, k in zip(queries, keys)]
+            return torch.stack([s for s, _ in found]), torch.stack([i for _, i in found])
         queries, keys = _unit(queries).contiguous(), _unit(keys).contiguous()  # the float32 copies faiss needs
         if keys.is_cuda:
             return self._top1_gpu(queries, keys)

@@ -280,8 +280,9 @@ class CachedAttention:
                     # every pass of the world in one call: one layout and one kernel launch instead of P
                     out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
         if self.write:  # each world's cache changes only after every world has attended to it
+            caches = [cache.layers[layer] for cache in self.caches]
+            self.policy.commit_worlds(caches, k, v, self.pos, self.first_frames)
             for b in range(worlds):
-                self.policy.commit(self.caches[b].layers[layer], k[b], v[b], self.pos[b], self.first_frames[b])
                 self.shared.drop(b, layer)  # stale now that the cache has changed; freed layer by layer
         return out
 

@@ -13,6 +13,8 @@ lives in the `LayerCache` it is handed). Model code never branches on the policy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from engine.config import CacheConfig, Sizes
@@ -45,6 +47,20 @@ class CachePolicy:
         """Store a chunk just generated: keys, values (N, h, d), positions (N, 3), frame by frame from
         `first_frame` (N = frames x tokens_per_frame)."""
         raise NotImplementedError
+
+    def commit_worlds(
+        self,
+        caches: Sequence[LayerCache],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+    ) -> None:
+        """`commit` for a batch of worlds at once, world b's chunk (key, value (B, N, h, d); pos (B, N, 3)) into
+        caches[b] from frame first_frames[b]: what a commit pass hands over, layer by layer. A policy whose commits
+        do work worth batching (a search, decisions) overrides this; the others store world by world."""
+        for cache, k, v, p, first in zip(caches, key, value, pos, first_frames):
+            self.commit(cache, k, v, p, first)
 
     def view(self, cache: LayerCache) -> KVView:
         """Every slot in use; every policy stores the sink frames' tokens first and never moves them."""

@@ -97,6 +97,22 @@ def test_zero_vectors_give_no_nan(name: str) -> None:
     assert torch.isfinite(similarity).all() and ((index >= 0) & (index < 5)).all()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_batch_of_searches_finds_what_each_search_finds_alone(name: str) -> None:
+    """TempCache searches for every world of a batch in one call: world b's queries among world b's keys only."""
+    pairs = [_planted(seed=10 + b, m=16, n=16 + 8 * b, d=192) for b in range(3)]
+    n = min(keys.shape[0] for _, keys in pairs)  # one key count for the batch
+    queries = torch.stack([q for q, _ in pairs])
+    keys = torch.stack([k[:n] for _, k in pairs])
+    keys[1] = keys[0]  # two worlds with the same keys still search only their own
+    similarity, index = make_ann(name).top1(queries, keys)
+    assert similarity.shape == index.shape == (3, 16)
+    for b in range(3):
+        alone_similarity, alone_index = make_ann(name).top1(queries[b], keys[b])
+        assert torch.equal(index[b], alone_index)
+        torch.testing.assert_close(similarity[b], alone_similarity, rtol=0, atol=1e-6)
+
+
 def test_int8_dot_products_are_exact_past_float32_integers() -> None:
     """Worst case for D=1536: every code +-127, so dot products reach 127^2 * 1536 > 2^24."""
     generator = torch.Generator().manual_seed(4)
@@ -145,3 +161,8 @@ def test_cuda_tensors_stay_on_the_gpu_and_match_the_cpu(name: str) -> None:
     for _ in range(2):
         _, index = backend.top1(big_queries.cuda(), big_keys.cuda())
         assert _recall(index, _cosine(big_queries, big_keys)) == 1.0
+    queries, keys = _planted(seed=6, m=16, n=16)  # a batch of worlds' searches, as TempCache makes them
+    batch_queries, batch_keys = torch.stack((queries, queries.flip(0))), torch.stack((keys, keys))
+    _, index = backend.top1(batch_queries.cuda(), batch_keys.cuda())
+    assert index.is_cuda and index.shape == (2, 16)
+    assert all(_recall(index[b], _cosine(batch_queries[b], keys)) == 1.0 for b in range(2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import IDLE, WorldEngine
-from engine.ann import ExactAnn
+from engine.ann import make_ann
 from engine.attention import attend
 from engine.kv_cache import LayerCache
 from engine.rope import Rope3D
@@ -17,7 +17,9 @@ from tests.conftest import tiny_config
 H, D, N = 2, 16, 8  # heads, head dim, tokens per frame of these cache-level tests
 
 
-def _policy(capacity: int, tau: float = 0.9, sink_frames: int = 1, exact_frames: int = 0) -> TempCachePolicy:
+def _policy(
+    capacity: int, tau: float = 0.9, sink_frames: int = 1, exact_frames: int = 0, ann: str = "exact"
+) -> TempCachePolicy:
     """exact_frames 0 unless a test is about them: each frame is merged as it is written."""
     config = tiny_config(
         model={"frame_height": 16, "frame_width": 32, "heads": 2, "dim": 32, "patch_size": 2},
@@ -31,7 +33,7 @@ def _policy(capacity: int, tau: float = 0.9, sink_frames: int = 1, exact_frames:
     )
     sizes = config.sizes()
     assert sizes.tokens_per_frame == N
-    return TempCachePolicy(config.cache, sizes, ExactAnn())
+    return TempCachePolicy(config.cache, sizes, make_ann(ann))
 
 
 def _cache(policy: TempCachePolicy) -> LayerCache:
@@ -95,6 +97,51 @@ def test_merge_keeps_newest_key_and_position_and_one_token_per_slot() -> None:
     assert cache.merges == 1 and cache.count[slot] == 2
     assert torch.equal(cache.key[slot], nxt[0]) and torch.equal(cache.pos[slot], _positions(2)[0])
     assert cache.length == 2 * N + (N - 1)
+
+
+def test_equally_similar_tokens_leave_the_slot_to_the_first() -> None:
+    policy = _policy(capacity=64)
+    cache = _cache(policy)
+    policy.commit(cache, torch.randn(N, H, D), torch.randn(N, H, D), _positions(0), first_frame=0)  # sink
+    first, first_value = torch.randn(N, H, D), torch.randn(N, H, D)
+    policy.commit(cache, first, first_value, _positions(1), first_frame=1)
+    nxt, value = torch.randn(N, H, D), torch.randn(N, H, D)
+    nxt[2] = nxt[5] = first[3]  # two copies of one key: the same cosine with its slot
+    policy.commit(cache, nxt, value, _positions(2), first_frame=2)
+    slot = N + 3  # frame 1's token 3
+    assert cache.merges == 1 and cache.recent[2] == slot and cache.recent[5] != slot
+    torch.testing.assert_close(cache.value[slot], (first_value[3] + value[2]) / 2)
+
+
+@pytest.mark.parametrize("exact", [0, 2])
+@pytest.mark.parametrize("ann", ["exact", "torch"])
+def test_worlds_committed_together_end_as_each_committed_alone(ann: str, exact: int) -> None:
+    """A commit pass hands every world's frame over at once (`commit_worlds`: one batched search and one set of
+    decisions): each cache ends slot for slot as if its world had committed alone, whether the world is writing its
+    sinks, filling the ring of exact frames, merging or evicting."""
+    torch.manual_seed(5)
+    policy = _policy(capacity=(5 + exact) * N, exact_frames=exact, ann=ann)
+    starts = [0, 1, 4, 9]  # world b writes its first frame in step starts[b]: the worlds stay at different stages
+    together = [_cache(policy) for _ in starts]
+    alone = [_cache(policy) for _ in starts]
+    static = [torch.randn(N // 2, H, D) for _ in starts]  # each world's own unchanging content: merges
+    for step in range(24):
+        worlds = [b for b, start in enumerate(starts) if step >= start]
+        frames = [step - starts[b] for b in worlds]
+        keys = torch.stack(
+            [torch.cat((static[b] + 0.01 * torch.randn(N // 2, H, D), torch.randn(N // 2, H, D))) for b in worlds]
+        )
+        values = torch.randn(len(worlds), N, H, D)
+        pos = torch.stack([_positions(f) for f in frames])
+        policy.commit_worlds([together[b] for b in worlds], keys, values, pos, frames)
+        for i, (b, frame) in enumerate(zip(worlds, frames)):
+            policy.commit(alone[b], keys[i], values[i], pos[i], first_frame=frame)
+        for a, b in zip(together, alone):
+            assert (a.length, a.merges, a.evictions) == (b.length, b.merges, b.evictions)
+            for name in ("key", "value", "pos", "count", "frame"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert (a.recent is None) == (b.recent is None) and (a.recent is None or torch.equal(a.recent, b.recent))
+    assert all(c.merges > 0 and c.evictions > 0 for c in together[:3])
 
 
 def test_sinks_are_never_merge_targets() -> None:
