@@ -15,7 +15,9 @@ Parts, each an engine loop feeding a pure metric function below it (the function
                      PSNR / SSIM at each horizon, and the last context frame as the baseline
     prompt-following from scratch under each theme's name; the clip is classified as the theme whose game clip
                      (same maze seed and actions) has the nearest `colour_signature`
-    stability        a long open-loop rollout per attention policy under HumanPolicy actions; every per-frame
+    stability        long open-loop rollouts per attention policy (`stability_draws` of them, world seeds 0, 1, ...:
+                     one rollout is one draw from the model's noise, and last-bit differences send the same
+                     policy down other paths) under HumanPolicy actions; every per-frame
                      statistic, smoothed, must stay within the game's own range (`stability_check`), and the
                      rollout must keep at least STABILITY_MOTION of the game's frame change and STABILITY_DETAIL of
                      its detail (`share_of_game`), and its frames must lie at most STABILITY_VIEW_DROP_DB further
@@ -86,11 +88,20 @@ class EvalOptions:
     prompt_seeds: int = 3  # maze seeds per theme for prompt following
     prompt_frames: int = 16
     stability_frames: int = 2000
+    stability_draws: int = 1  # rollouts per policy, each from its own world seed; a policy holds if every one does
     policies: tuple[str, ...] = DEFAULT_POLICIES
 
     def check(self, chunk: int) -> None:
         """Raise ValueError for options the parts cannot run with (`chunk` = the model's chunk_frames)."""
-        for name in ("episodes", "frames", "context", "open_loop_starts", "prompt_seeds", "prompt_frames"):
+        for name in (
+            "episodes",
+            "frames",
+            "context",
+            "open_loop_starts",
+            "prompt_seeds",
+            "prompt_frames",
+            "stability_draws",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.frames < self.context + HORIZONS[-1]:
@@ -510,10 +521,12 @@ def stability(
     log: Log = _say,
     autoencoder: FrameAutoencoder | None = None,
 ) -> dict[str, Any]:
-    """Per policy, one open-loop rollout of `stability_frames` frames under the HumanPolicy actions of a game episode
-    (one chunk of true frames first); statistics against the game's own range, and the step times of FPS_POLICY.
-    With `autoencoder`, the same statistics of the game's frames encoded and decoded: what a model drawing through
-    it could show at best."""
+    """Per policy, `stability_draws` open-loop rollouts of `stability_frames` frames (world seeds 0, 1, ...) under the
+    HumanPolicy actions of a game episode (one chunk of true frames first); statistics against the game's own range,
+    and the step times of FPS_POLICY (its first draw). A policy's record holds its first draw in full (the series
+    stability.png draws), `draws` every draw's verdict and statistics, and `ok`: whether every draw held. With
+    `autoencoder`, the same statistics of the game's frames encoded and decoded: what a model drawing through it
+    could show at best."""
     config, T, n = engine.config, engine.chunk_frames, options.stability_frames
     game = stability_episode(config, n, key_names)
     actions = episode_actions(game)
@@ -531,39 +544,49 @@ def stability(
     names = list(options.policies) + ([] if FPS_POLICY in options.policies else [FPS_POLICY])
     for name in names:
         timing_only = name not in options.policies  # run only as far as the speed window needs
-        last = min(n, fps_start + FPS_FRAMES) if timing_only else n
         sibling = engine.sibling(with_overrides(config, ATTENTION_PRESETS[name], f"<policy {name}>"))
-        world = sibling.new_world(game.prompt, seed=0)
-        sibling.observe(world, game.frames[:T], actions[:T])
-        recorder, seconds = FrameRecorder(last - T, *game.frames.shape[1:3]), []
-        began = time.perf_counter()
-        for start in range(T, last, T):
-            stepped = time.perf_counter()
-            recorder.extend(sibling.step([world], [actions[start : start + T]])[0])
-            seconds.extend([time.perf_counter() - stepped] * T)  # per frame: its chunk's step time
-            if (start // T) % 500 == 0:
-                log(f"  stability {name}: frame {start}/{last} ({time.perf_counter() - began:.0f} s)")
-        if name == FPS_POLICY:
-            window = seconds[fps_start - T : fps_start - T + FPS_FRAMES]
-            speed = {"fps": round(T / float(np.median(window)), 2), "frame": fps_start, "frames": len(window)}
-        if timing_only:
-            continue
-        stats = statistics(recorder.frames)
-        checks = stability_check(stats, bounds)
-        motion = share_of_game(stats["change"], game_stats["change"])
-        detail = share_of_game(stats["detail"], game_stats["detail"])
-        runs[name] = {
-            "ok_by_statistic": checks,
-            "motion": round(motion, 3),
-            "detail": round(detail, 3),
-            "view_drop_db": round(view_drop(stats["view"], game_stats["view"]), 2),
-            "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
-            "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
-            "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
-            "seconds": round(time.perf_counter() - began, 2),
-        }
-        runs[name]["ok"] = stability_verdict(runs[name]) == "ok"
-        log(f"  stability {name}: {stability_verdict(runs[name])} ({runs[name]['seconds']:.0f} s)")
+        draws = []
+        for draw in range(1 if timing_only else options.stability_draws):
+            last = min(n, fps_start + FPS_FRAMES) if timing_only else n
+            world = sibling.new_world(game.prompt, seed=draw)
+            sibling.observe(world, game.frames[:T], actions[:T])
+            recorder, seconds = FrameRecorder(last - T, *game.frames.shape[1:3]), []
+            began = time.perf_counter()
+            for start in range(T, last, T):
+                stepped = time.perf_counter()
+                recorder.extend(sibling.step([world], [actions[start : start + T]])[0])
+                seconds.extend([time.perf_counter() - stepped] * T)  # per frame: its chunk's step time
+                if (start // T) % 500 == 0:
+                    log(f"  stability {name}, draw {draw}: frame {start}/{last} ({time.perf_counter() - began:.0f} s)")
+            if name == FPS_POLICY and draw == 0:
+                window = seconds[fps_start - T : fps_start - T + FPS_FRAMES]
+                speed = {"fps": round(T / float(np.median(window)), 2), "frame": fps_start, "frames": len(window)}
+            if timing_only:
+                continue
+            stats = statistics(recorder.frames)
+            run = {
+                "seed": draw,
+                "ok_by_statistic": stability_check(stats, bounds),
+                "motion": round(share_of_game(stats["change"], game_stats["change"]), 3),
+                "detail": round(share_of_game(stats["detail"], game_stats["detail"]), 3),
+                "view_drop_db": round(view_drop(stats["view"], game_stats["view"]), 2),
+                "smoothed_range": {k: _span(rolling_mean(v)) for k, v in stats.items()},
+                "mean_by_statistic": {k: round(float(v.mean()), 2) for k, v in stats.items()},
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+            run["verdict"] = stability_verdict(run)
+            run["ok"] = run["verdict"] == "ok"
+            draws.append((run, stats))
+            log(f"  stability {name}, draw {draw}: {run['verdict']} ({run['seconds']:.0f} s)")
+        if draws:
+            # the first draw's whole record (its series are what stability.png draws), and every draw's summary
+            first, stats = draws[0]
+            runs[name] = {
+                **{k: v for k, v in first.items() if k not in ("seed", "verdict")},
+                "series": {k: np.round(v, 2).tolist() for k, v in stats.items()},
+                "ok": all(run["ok"] for run, _ in draws),
+                "draws": [run for run, _ in draws],
+            }
     reference = None
     if autoencoder is not None:
         decoded_stats = statistics(through_autoencoder(autoencoder, game.frames[T:]))
@@ -575,6 +598,7 @@ def stability(
     return {
         "ok": all(run["ok"] for run in runs.values()),
         "frames": n,
+        "draws": options.stability_draws,
         "first_frame": T,
         "seed": game.seed,
         "policy_seed": game.policy_seed,
@@ -732,8 +756,7 @@ def markdown(report: dict[str, Any]) -> str:
     horizons = list(report["open_loop_psnr"])
     stable = report["stability"]
     verdicts = ", ".join(
-        f"{name} {stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%, "
-        f"views {run['view_drop_db']:.1f} dB further than the game's)"
+        f"{name} {_draws_line(run['draws'])}" if len(run["draws"]) > 1 else f"{name} {_draw_line(run)}"
         for name, run in stable["policies"].items()
     )
     decoded = stable["game_through_autoencoder"]
@@ -773,7 +796,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'-' if control is None else f'{control:.3f}'} | 0.5 (chance) | - | - |",
         f"| prompt following ({report['prompt_following_clips']} clips) | {report['prompt_following']:.3f} | "
         f"{1 / len(report['prompt_following_confusion']):.3f} (chance) | - | - |",
-        f"| stability over {stable['frames']} frames (policy, verdict, frame change and detail against the game's, "
+        f"| stability over {stable['frames']} frames, {stable['draws']} draw{'s' if stable['draws'] > 1 else ''} "
+        "per policy (policy, verdict, frame change and detail against the game's, "
         "distance to the game's views against the game's own) | "
         f"{'ok' if report['stability_ok'] else 'NOT ok'} ({verdicts}) | - | - | - |",
         f"| fps at frame {report['cpu_fps_frame']} ({report['cpu_fps_policy']}, {report['device']}) | "
@@ -781,6 +805,24 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _draw_line(run: dict[str, Any]) -> str:
+    """One stability rollout: its verdict, and its shares of the game's motion and detail and its view drop."""
+    return (
+        f"{stability_verdict(run)} (motion {100 * run['motion']:.0f}%, detail {100 * run['detail']:.0f}%, "
+        f"views {run['view_drop_db']:.1f} dB further than the game's)"
+    )
+
+
+def _draws_line(draws: list[dict[str, Any]]) -> str:
+    """A policy's stability rollouts: how many held, then each draw's line."""
+    held = sum(run["ok"] for run in draws)
+    return (
+        f"held in {held} of {len(draws)} draws ["
+        + "; ".join(f"seed {run['seed']}: {_draw_line(run)}" for run in draws)
+        + "]"
+    )
 
 
 def _psnr_ssim(source: dict[str, Any], prefix: str) -> str:

@@ -306,7 +306,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     policies = tuple(name.strip() for name in args.policies.split(",") if name.strip())
     options = EvalOptions(
-        episodes=args.episodes, frames=args.frames, stability_frames=args.stability_frames, policies=policies
+        episodes=args.episodes,
+        frames=args.frames,
+        stability_frames=args.stability_frames,
+        stability_draws=args.stability_draws,
+        policies=policies,
     )
     report = run_eval(config, args.out, options, config_path=args.config)
     print(f"\nwrote {args.out}/eval.json, eval.md, strip.png, stability.png\n")
@@ -470,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=defaults.stability_frames,
         help="frames of each long open-loop rollout (default: %(default)s)",
+    )
+    evaluation.add_argument(
+        "--stability-draws",
+        type=_positive,
+        default=defaults.stability_draws,
+        help="long rollouts per policy, world seeds 0, 1, ...; a policy holds if every one does (default: %(default)s)",
     )
     evaluation.add_argument(
         "--policies",

@@ -267,6 +267,8 @@ def test_open_loop_starts_and_bad_options() -> None:
         EvalOptions(policies=("dense", "sparse")).check(1)
     with pytest.raises(ValueError, match="multiple of chunk_frames=2"):
         EvalOptions(stability_frames=41).check(2)
+    with pytest.raises(ValueError, match="stability_draws must be >= 1, got 0"):
+        EvalOptions(stability_draws=0).check(1)
 
 
 # ---- the loops, with an engine that knows the game ----------------------------------------------------------------
@@ -340,7 +342,8 @@ def test_a_perfect_model_scores_perfectly() -> None:
 def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config, out = write_config(tmp_path / "tiny.yaml", TINY), tmp_path / "eval"
     argv = ["eval", "--config", str(config), "--out", str(out), "--episodes", "2", "--frames", "40"]
-    code = main([*argv, "--stability-frames", "40", "--policies", "window,tempcache+annsa", "--device", "cpu"])
+    policies = ["--policies", "window,tempcache+annsa", "--stability-draws", "2"]
+    code = main([*argv, "--stability-frames", "40", *policies, "--device", "cpu"])
     assert code == 0
     report = json.loads((out / "eval.json").read_text())
     for key in ("teacher_forced_psnr", "teacher_forced_ssim", "controllability", "prompt_following"):
@@ -366,10 +369,22 @@ def test_cli_writes_every_metric(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert (
             set(run["series"]) == {"mean", "contrast", "change", "detail", "view"} and len(run["series"]["mean"]) == 39
         )
-        shares = run["motion"] >= STABILITY_MOTION and run["detail"] >= STABILITY_DETAIL
-        shares = shares and run["view_drop_db"] <= STABILITY_VIEW_DROP_DB
-        assert run["ok"] == (all(run["ok_by_statistic"].values()) and shares)
+        first, second = run["draws"]  # two rollouts from world seeds 0 and 1: the same actions, other noise
+        assert (first["seed"], second["seed"]) == (0, 1) and first["mean_by_statistic"] != second["mean_by_statistic"]
+        for draw in run["draws"]:
+            shares = draw["motion"] >= STABILITY_MOTION and draw["detail"] >= STABILITY_DETAIL
+            shares = shares and draw["view_drop_db"] <= STABILITY_VIEW_DROP_DB
+            assert draw["ok"] == (all(draw["ok_by_statistic"].values()) and shares)
+            assert draw["verdict"] == stability_verdict(draw) and draw["ok"] == (draw["verdict"] == "ok")
+        assert run["ok"] == (first["ok"] and second["ok"])
+        # the policy's own record is its first draw, series included
+        assert run["motion"] == first["motion"] and run["ok_by_statistic"] == first["ok_by_statistic"]
         assert run["mean_by_statistic"]["change"] == pytest.approx(np.mean(run["series"]["change"]), abs=0.01)
+    assert stable["draws"] == 2 and report["stability_ok"] == all(r["ok"] for r in stable["policies"].values())
+    assert (
+        "2 draws per policy" in (out / "eval.md").read_text()
+        and "of 2 draws [seed 0: " in (out / "eval.md").read_text()
+    )
     statistics = {"mean", "contrast", "change", "detail", "view"}
     assert set(stable["game"]["range"]) == set(stable["game"]["mean_by_statistic"]) == statistics
     decoded = stable["game_through_autoencoder"]  # what the model could draw at best
