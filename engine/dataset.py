@@ -28,10 +28,15 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,6 +345,7 @@ def load_shard(path: str | Path, sha256: str | None = None) -> list[Episode]:
 # ---- a dataset folder: shards of each split and manifest.json, written last --------------------------------------
 
 MANIFEST_FORMAT = "worldserve-dataset/1"
+RECIPE_FILE = "recipe.json"  # written first, removed last: a folder with it and no manifest is still being recorded
 
 
 @dataclass(frozen=True)
@@ -356,12 +362,15 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """What `write_dataset` wrote: episodes, frames, bytes of shards on disk, and wall-clock seconds it took."""
+    """What `write_dataset` wrote: episodes, frames, bytes of shards on disk, and wall-clock seconds it took; when it
+    resumed an interrupted run, the shards it kept from it (`kept_shards`, holding `kept_frames`)."""
 
     episodes: int
     frames: int
     bytes: int
     seconds: float
+    kept_shards: int = 0
+    kept_frames: int = 0
 
     @property
     def bytes_per_frame(self) -> float:
@@ -369,8 +378,9 @@ class DatasetSummary:
 
     @property
     def fps(self) -> float:
-        """Frames recorded and stored per wall-clock second, all workers together."""
-        return self.frames / self.seconds if self.seconds else float("inf")
+        """Frames recorded and stored per wall-clock second by this run, all workers together."""
+        recorded = self.frames - self.kept_frames
+        return recorded / self.seconds if self.seconds else float("inf")
 
 
 @dataclass(frozen=True)
@@ -381,6 +391,62 @@ class _ShardJob:
     frames: int
     size: tuple[int, int]
     key_names: tuple[str, ...]
+
+
+def start_recording_worker() -> None:
+    """A recording worker process (`worldserve data`'s, and training's) ignores SIGINT and SIGTERM: a stop sent to
+    the whole process group (Ctrl-C in a terminal, `timeout`, a container's stop) is its parent's to handle (training
+    finishes its step, saves and closes the workers; `write_dataset` ends them and leaves the shards done), where
+    workers killed with it would break the pool under the parent and print a traceback each. And it exits when its
+    parent is gone: one killed outright (SIGKILL, the out-of-memory killer) cannot close its workers, which would
+    otherwise wait forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_after, args=(parent.sentinel,), daemon=True).start()
+
+
+@contextmanager
+def _workers_start_deaf_to_ctrl_c() -> Iterator[None]:
+    """SIGINT ignored while worker processes start in the block (in the main thread; elsewhere a no-op): a spawned
+    worker keeps an ignored signal through exec, so a Ctrl-C while it is still importing, before
+    `start_recording_worker` runs, does not print its traceback among the parent's last line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_after(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready once the parent process has ended
+    os._exit(0)
+
+
+def _kept_shard(job: _ShardJob) -> ShardInfo | None:
+    """The shard an interrupted run already wrote for `job`, if it reads back whole with exactly the job's episodes
+    (`_write_shard` renames a shard into place, so a file present was written in full); None if it must be recorded."""
+    if not job.path.is_file():
+        return None
+    try:
+        episodes = load_shard(job.path)
+    except DatasetError:
+        return None
+    found = [
+        (e.split, e.seed, e.policy_seed, e.prompt, e.theme, len(e), e.key_names, e.frames.shape[1:3]) for e in episodes
+    ]
+    wanted = [
+        (s.split, s.seed, s.policy_seed, s.prompt, s.theme, job.frames, job.key_names, job.size) for s in job.specs
+    ]
+    if found != wanted:
+        return None
+    data = job.path.read_bytes()
+    frames = sum(len(e) for e in episodes)
+    return ShardInfo(job.path.name, job.split, len(episodes), frames, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _write_shard(job: _ShardJob) -> ShardInfo:
@@ -413,7 +479,9 @@ def write_dataset(
     shards of up to `shard_episodes` episodes in `out` (a new or empty folder), then manifest.json.
 
     The folder's contents are a pure function of the arguments other than `workers`, `command` and `progress`:
-    `workers` processes record shards in parallel; `progress(shard_info, done, total)` is called per shard."""
+    `workers` processes record shards in parallel; `progress(shard_info, done, total)` is called per shard recorded.
+    An interrupted run resumes: called again on its folder with the same arguments, it keeps every whole shard that
+    run wrote (read back and checked) and records the rest, ending with the files an uninterrupted run writes."""
     # 1. Check the arguments and the folder.
     for name, value, least in (
         ("train_episodes", train_episodes, 0),
@@ -432,43 +500,70 @@ def write_dataset(
         raise ValueError(f"frames must be at least 8x8 px, got {size[0]}x{size[1]}")
     if len(set(key_names)) != len(key_names) or not key_names:
         raise ValueError(f"key_names must be distinct and non-empty, got {list(key_names)}")
+    size, key_names = (int(size[0]), int(size[1])), tuple(key_names)
+    recipe = {
+        "format": MANIFEST_FORMAT,
+        "seed": seed,
+        "train_episodes": train_episodes,
+        "heldout_episodes": heldout_episodes,
+        "frames": frames,
+        "shard_episodes": shard_episodes,
+        "size": list(size),
+        "key_names": list(key_names),
+        "mouse_scale": mouse_scale,
+    }
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; write a dataset into a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, recipe)
     # 2. Plan the shards: each split's episodes in stream order, `shard_episodes` at a time.
     specs = {
         "train": [train_spec(seed, i) for i in range(train_episodes)],
         "heldout": [heldout_spec(j) for j in range(heldout_episodes)],
     }
-    size, key_names = (int(size[0]), int(size[1])), tuple(key_names)
     jobs = [
         _ShardJob(out / f"{split}-{k // shard_episodes:05d}.npz", split, tuple(chunk), frames, size, key_names)
         for split in SPLITS
         for k in range(0, len(specs[split]), shard_episodes)
         if (chunk := specs[split][k : k + shard_episodes])
     ]
-    # 3. Record them, in parallel where asked (each shard depends on its job alone).
+    # 3. Keep what an interrupted run of the same recipe wrote; record the rest, in parallel where asked (each shard
+    # depends on its job alone).
     began = time.perf_counter()
-    shards: dict[Path, ShardInfo] = {}
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
+    for stray in out.glob("*.partial"):  # a shard or manifest an interrupted run was writing
+        stray.unlink()
+    shards: dict[Path, ShardInfo] = {job.path: info for job in jobs if (info := _kept_shard(job)) is not None}
+    kept = dict(shards)
+    jobs_left = [job for job in jobs if job.path not in kept]
+    if workers == 1 or len(jobs_left) <= 1:
+        for job in jobs_left:
             shards[job.path] = _write_shard(job)
             if progress is not None:
                 progress(shards[job.path], len(shards), len(jobs))
     else:
         context = multiprocessing.get_context("spawn")  # not fork: the caller may hold torch/OpenMP threads
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            futures = {pool.submit(_write_shard, job): job.path for job in jobs}
+        others = set(multiprocessing.active_children())  # the caller's own child processes, if it has any
+        pool = ProcessPoolExecutor(min(workers, len(jobs_left)), mp_context=context, initializer=start_recording_worker)
+        try:
+            with _workers_start_deaf_to_ctrl_c():  # the pool starts its workers as jobs are submitted
+                futures = {pool.submit(_write_shard, job): job.path for job in jobs_left}
             for future in as_completed(futures):
                 shards[futures[future]] = future.result()
                 if progress is not None:
                     progress(shards[futures[future]], len(shards), len(jobs))
+        except BaseException:  # Ctrl-C among them: stop at once; the shards in progress are recorded again on resume
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in set(multiprocessing.active_children()) - others:  # the pool's: they ignore SIGINT, SIGTERM
+                worker.kill()
+                worker.join()
+            raise
+        pool.shutdown()
     seconds = time.perf_counter() - began
     # 4. The manifest, last: a folder with manifest.json is a complete dataset.
     infos = [shards[job.path] for job in jobs]
     episodes = train_episodes + heldout_episodes
-    summary = DatasetSummary(episodes, episodes * frames, sum(info.bytes for info in infos), seconds)
+    kept_frames = sum(info.frames for info in kept.values())
+    summary = DatasetSummary(
+        episodes, episodes * frames, sum(info.bytes for info in infos), seconds, len(kept), kept_frames
+    )
     manifest = {
         "format": MANIFEST_FORMAT,
         "command": command,
@@ -502,7 +597,36 @@ def write_dataset(
     partial = out / "manifest.json.partial"
     partial.write_text(json.dumps(manifest, indent=1) + "\n")
     partial.replace(out / "manifest.json")
+    (out / RECIPE_FILE).unlink()  # the manifest holds the recipe now
     return summary
+
+
+def _claim_folder(out: Path, recipe: dict[str, Any]) -> None:
+    """Make `out` the folder of a dataset recorded to `recipe`: a new or empty one (which gets RECIPE_FILE first), or
+    one an interrupted run of the same recipe left (resumed). Raises ValueError for anything else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not an empty folder; write a dataset into a new one")
+    if (out / "manifest.json").exists():
+        raise ValueError(f"{out} already holds a complete dataset (manifest.json); write a new one into another folder")
+    if out.exists() and any(out.iterdir()):
+        try:
+            found = json.loads((out / RECIPE_FILE).read_text())
+        except (OSError, ValueError):
+            raise ValueError(
+                f"{out} exists and is not an empty folder, nor one an interrupted `worldserve data` left (no readable "
+                f"{RECIPE_FILE}); write a dataset into a new one"
+            ) from None
+        differ = [key for key in recipe if not isinstance(found, dict) or found.get(key) != recipe[key]]
+        if differ:
+            raise ValueError(
+                f"{out} holds an interrupted dataset recorded with other arguments ({', '.join(differ)} differ); "
+                "resume it with the same arguments, or write into a new folder"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{RECIPE_FILE}.partial"
+    partial.write_text(json.dumps(recipe, indent=1) + "\n")
+    partial.replace(out / RECIPE_FILE)
 
 
 class Dataset:

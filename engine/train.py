@@ -56,11 +56,8 @@ import copy
 import json
 import math
 import multiprocessing
-import multiprocessing.connection
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -85,7 +82,7 @@ from engine.config import (
     read_yaml_mapping,
     with_overrides,
 )
-from engine.dataset import EpisodeSpec, action_array, record, train_spec
+from engine.dataset import EpisodeSpec, action_array, record, start_recording_worker, train_spec
 from engine.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
 from engine.model import WorldModel
 from engine.world_engine import WorldEngine, resolve_device
@@ -219,24 +216,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on, having saved what it could; the message says how to resume."""
 
 
-def _start_recording_worker() -> None:
-    """A recording worker ignores SIGINT and SIGTERM: a stop sent to the whole process group (Ctrl-C in a terminal,
-    `timeout`, a container's stop) is the training process's to handle, which finishes its step, saves and then
-    closes the workers. Killed with it, they would break the pool under the step and lose what it had not saved.
-    And it exits when the training process is gone: one killed outright (SIGKILL, the out-of-memory killer) cannot
-    close its workers, which would otherwise wait for work forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=_exit_after, args=(parent.sentinel,), daemon=True).start()
-
-
-def _exit_after(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])  # ready once the training process has ended
-    os._exit(0)
-
-
 class EpisodePool:
     """The `size` most recent episodes of training stream `seed`; `advance` records the next one in place of the
     oldest. Its contents are a function of (seed, next index), so a resumed run rebuilds the same pool, and so
@@ -254,7 +233,7 @@ class EpisodePool:
             self._executor = ProcessPoolExecutor(
                 train.record_workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_recording_worker,
+                initializer=start_recording_worker,
             )
 
     def fill(self, next_index: int) -> None:

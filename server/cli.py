@@ -245,25 +245,38 @@ def cmd_data(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    summary = write_dataset(
-        args.out,
-        train_episodes=args.train_episodes,
-        heldout_episodes=args.heldout_episodes,
-        frames=args.frames,
-        size=size,
-        key_names=model.actions.keys,
-        mouse_scale=model.actions.mouse_scale,
-        shard_episodes=args.shard_episodes,
-        seed=args.seed,
-        workers=workers,
-        command=command,
-        progress=progress,
+    try:
+        summary = write_dataset(
+            args.out,
+            train_episodes=args.train_episodes,
+            heldout_episodes=args.heldout_episodes,
+            frames=args.frames,
+            size=size,
+            key_names=model.actions.keys,
+            mouse_scale=model.actions.mouse_scale,
+            shard_episodes=args.shard_episodes,
+            seed=args.seed,
+            workers=workers,
+            command=command,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"worldserve data: interrupted; the shards finished so far stay in {args.out}: run the same command to "
+            "resume",
+            file=sys.stderr,
+        )
+        return 130
+    kept = (
+        f" | resumed: kept {summary.kept_shards} shard(s) ({summary.kept_frames} frames) of the interrupted run"
+        if summary.kept_shards
+        else ""
     )
     print(
         f"wrote {summary.episodes} episodes ({args.train_episodes} train, {args.heldout_episodes} held-out) of "
         f"{args.frames} frames at {size[0]}x{size[1]} to {args.out} | {summary.frames} frames, "
         f"{summary.bytes / 1e6:.1f} MB on disk, {summary.bytes_per_frame:.0f} bytes/frame | "
-        f"{summary.fps:.0f} frames/s recorded in {summary.seconds:.1f} s with {workers} worker(s)"
+        f"{summary.fps:.0f} frames/s recorded in {summary.seconds:.1f} s with {workers} worker(s){kept}"
     )
     return 0
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -255,6 +260,33 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
             _write(existing)
 
 
+def test_an_interrupted_recording_resumes_to_the_files_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    _write(tmp_path / "straight")
+
+    def stop_after_two(shard: ds.ShardInfo, done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "resumed", progress=stop_after_two)
+    root = tmp_path / "resumed"
+    assert not (root / "manifest.json").exists() and (root / ds.RECIPE_FILE).exists()
+    assert sorted(p.name for p in root.glob("*.npz")) == ["train-00000.npz", "train-00001.npz"]
+    with pytest.raises(ValueError, match=r"other arguments \(seed, frames differ\)"):
+        _write(root, seed=1, frames=7)
+    (root / "train-00001.npz").write_bytes((root / "train-00001.npz").read_bytes()[:-10])  # damaged: recorded again
+    (root / "heldout-00000.partial").write_bytes(b"half a shard")  # one being written when the run stopped
+    recorded = []
+    summary = _write(root, progress=lambda shard, done, total: recorded.append(shard.file))
+    assert recorded == ["train-00001.npz", "heldout-00000.npz", "heldout-00001.npz"]
+    assert (summary.kept_shards, summary.kept_frames) == (1, 4 * 6)
+    for name in ("manifest.json", "train-00000.npz", "train-00001.npz", "heldout-00000.npz", "heldout-00001.npz"):
+        assert (root / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+    with pytest.raises(ValueError, match="already holds a complete dataset"):
+        _write(root)
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 
@@ -273,6 +305,54 @@ def test_data_command_writes_what_it_says(tmp_path: Path, capsys: pytest.Capture
     assert manifest["command"].startswith(f"worldserve data --out {out} --train-episodes 5")
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])])
     assert Counter(e["theme"] for e in manifest["episodes"] if e["split"] == "heldout") == dict.fromkeys(THEME_NAMES, 1)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_stops_the_data_command_at_once_and_the_same_command_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C in a terminal signals the whole process group, the recording workers included: the command ends with
+    one line and status 130, leaves no worker behind, and run again it ends with the files of an uninterrupted run."""
+    out = tmp_path / "data"
+    args = ["--train-episodes", "150", "--heldout-episodes", "6", "--frames", "8", "--size", "16"]
+    args += ["--shard-episodes", "2", "--config", str(CONFIG)]  # 78 shards
+    command = [sys.executable, "-m", "server.cli", "data", "--out", str(out), *args, "--workers", "2"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.npz"))) < 3:  # some shards written, most still to come
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        f"worldserve data: interrupted; the shards finished so far stay in {out}: run the same command to resume"
+    )
+    deadline = time.monotonic() + 10  # nothing of the group is left soon after, workers included
+    while _group_alive(process.pid):
+        assert time.monotonic() < deadline, "a process of the stopped command's group is still running"
+        time.sleep(0.1)
+    kept = len(list(out.glob("*.npz")))
+    assert 3 <= kept < 78 and not (out / "manifest.json").exists()
+    assert main(["data", "--out", str(out), *args, "--workers", "1"]) == 0  # the files do not depend on workers
+    assert f"| resumed: kept {kept} shard(s) ({kept * 2 * 8} frames) of the interrupted run" in capsys.readouterr().out
+    assert main(["data", "--out", str(tmp_path / "straight"), *args, "--workers", "1"]) == 0
+    for shard in json.loads((out / "manifest.json").read_text())["shards"]:
+        assert (out / shard["file"]).read_bytes() == (tmp_path / "straight" / shard["file"]).read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
 
 
 def test_data_command_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
