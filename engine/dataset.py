@@ -305,6 +305,11 @@ def load_shard(path: str | Path, sha256: str | None = None) -> list[Episode]:
         raise DatasetError(f"{path}: cannot read shard: {error.strerror}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise DatasetError(f"{path}: sha256 differs from the manifest's (corrupt or replaced shard)")
+    return _shard_episodes(path, data)
+
+
+def _shard_episodes(path: Path, data: bytes) -> list[Episode]:
+    """The episodes of a shard's bytes `data` (read from `path`, which errors name); `load_shard`'s checks."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in ("meta", *_ARRAYS)}
@@ -430,11 +435,10 @@ def _exit_after(sentinel: int) -> None:
 def _kept_shard(job: _ShardJob) -> ShardInfo | None:
     """The shard an interrupted run already wrote for `job`, if it reads back whole with exactly the job's episodes
     (`_write_shard` renames a shard into place, so a file present was written in full); None if it must be recorded."""
-    if not job.path.is_file():
-        return None
     try:
-        episodes = load_shard(job.path)
-    except DatasetError:
+        data = job.path.read_bytes()
+        episodes = _shard_episodes(job.path, data)
+    except (OSError, DatasetError):  # not written yet, or not whole
         return None
     found = [
         (e.split, e.seed, e.policy_seed, e.prompt, e.theme, len(e), e.key_names, e.frames.shape[1:3]) for e in episodes
@@ -444,7 +448,6 @@ def _kept_shard(job: _ShardJob) -> ShardInfo | None:
     ]
     if found != wanted:
         return None
-    data = job.path.read_bytes()
     frames = sum(len(e) for e in episodes)
     return ShardInfo(job.path.name, job.split, len(episodes), frames, len(data), hashlib.sha256(data).hexdigest())
 
