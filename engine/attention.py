@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import WorldCache
+from engine.kv_cache import KVView, WorldCache
 from engine.policies import CachePolicy
 from engine.rope import Rope3D
 from engine.sparse_attention import SortedSlots, SparseAttention
@@ -304,35 +304,64 @@ class CachedAttention:
             and all(c is not None and c.stack is first and c.row == b for b, c in enumerate(carried))
         ):
             return self.shared.put_stack(layer, first)  # the same worlds in the same order: their stack as it was
-        views = [self.policy.view(self.caches[b].layers[layer]) if c is None else None for b, c in enumerate(carried)]
-        lengths = [c.slots if c is not None else view.key.shape[0] for c, view in zip(carried, views)]
+        # a step's first forward reads every world's cache: in one gather where the caches share a pool (a bounded
+        # policy's), else world by world; a commit pass reads what its worlds' denoising rotated
+        pooled = None
+        if all(c is None for c in carried):
+            pooled = self.policy.view_worlds([cache.layers[layer] for cache in self.caches])
+        views = {}
+        if pooled is not None:
+            lengths, sinks = pooled.lengths, pooled.sinks
+        else:
+            views = {b: self.policy.view(self.caches[b].layers[layer]) for b, c in enumerate(carried) if c is None}
+            lengths = [c.slots if c is not None else views[b].key.shape[0] for b, c in enumerate(carried)]
+            sinks = [c.sinks if c is not None else views[b].sinks for b, c in enumerate(carried)]
         S = max(lengths)
         limit = MAX_PADDING.get(self.pos.device.type, MAX_PADDING["cpu"])
         if worlds * (S + n) > (1 + limit) * (sum(lengths) + worlds * n):
             return None
-        given = next(c.key if c is not None else view.key for c, view in zip(carried, views))
-        key = given.new_zeros(worlds, S + n, *given.shape[1:])  # zeros: a masked key must still score finite
-        value = torch.zeros_like(key)
-        merged = any((c.bias if c is not None else view.bias) is not None for c, view in zip(carried, views))
-        bias = key.new_zeros(worlds, S + n, dtype=torch.float32) if merged or min(lengths) < S else None
+        if pooled is not None:  # one gather is the stack, the chunk's rows included
+            key, value, pos, bias = pooled.padded(S, room=n)
+            key = self.rope.rotate(key, pos)  # every world's slots rotated at once (the chunk's rows: scratch)
+        else:
+            key, value, bias = self._copied_stack(layer, n, carried, lengths, views)
         stack = StackedSlots(key, value, bias, S)
-        for b, (c, view, s) in enumerate(zip(carried, views, lengths)):
-            start = S - s
+        for b in range(worlds):
+            start = S - lengths[b]
+            row_bias = None if bias is None else bias[b, start:]
+            self.shared.put(
+                b,
+                layer,
+                RotatedSlots(key[b, start:], value[b, start:], row_bias, sinks[b], lengths[b], stack=stack, row=b),
+            )
+        return self.shared.put_stack(layer, stack)
+
+    def _copied_stack(
+        self, layer: int, n: int, carried: list[RotatedSlots | None], lengths: list[int], views: dict[int, KVView]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`_stack`'s key, value (B, S + n, h, d) and bias, copied world by world from the slots its denoising
+        rotated (`carried`) or from its own view (`views`)."""
+        worlds, S = len(carried), max(lengths)
+        template = self.caches[0].layers[layer].key  # (C, h, d): the cache's dtype and device
+        key = template.new_zeros(worlds, S + n, *template.shape[1:])  # zeros: a masked key must still score finite
+        value = torch.zeros_like(key)
+        merged = any(c is not None and c.bias is not None for c in carried)
+        merged = merged or any(view.bias is not None for view in views.values())
+        bias = key.new_zeros(worlds, S + n, dtype=torch.float32) if merged or min(lengths) < S else None
+        for b, c in enumerate(carried):
+            start, s = S - lengths[b], lengths[b]
             if c is not None:
                 key[b, start:S], value[b, start:S] = c.key[:s], c.value[:s]
-                given_bias, sinks = None if c.bias is None else c.bias[:s], c.sinks
+                given_bias = None if c.bias is None else c.bias[:s]
             else:
+                view = views[b]
                 key[b, start:S], value[b, start:S] = self.rope.rotate(view.key, view.pos), view.value
-                given_bias, sinks = view.bias, view.sinks
+                given_bias = view.bias
             if bias is not None:
                 bias[b, :start] = -math.inf
                 if given_bias is not None:
                     bias[b, start:S] = given_bias
-            row_bias = None if bias is None else bias[b, start:]
-            self.shared.put(
-                b, layer, RotatedSlots(key[b, start:], value[b, start:], row_bias, sinks, s, stack=stack, row=b)
-            )
-        return self.shared.put_stack(layer, stack)
+        return key, value, bias
 
     def cross_sparse(self, layer: int) -> bool:
         """Whether AnnCA prunes the prompt in this layer of this forward."""

@@ -1,4 +1,5 @@
-"""KV cache storage: fixed-capacity slot buffers per layer, and the per-world set of them.
+"""KV cache storage: fixed-capacity slot buffers per layer, the per-world set of them, and the pool that holds the
+bounded caches of many worlds in one buffer per layer.
 
 A *slot* holds one cached token of one layer, shared by all heads: its pre-rotary key and its value per head,
 the position (t, y, x) of its newest member, a count m of the tokens merged into it (1 unless a merging policy
@@ -11,6 +12,10 @@ job of a `CachePolicy` (engine/policies.py); how attention is computed is the jo
 
 from __future__ import annotations
 
+import heapq
+import math
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,35 +37,149 @@ class KVView:
     sinks: int = 0
 
 
-class LayerCache:
-    """Preallocated slot buffers of one layer of one world; slots [0, length) are in use."""
+class SlotPool:
+    """The slot buffers of one layer for `rows` worlds, one row each: key, value (R, C, h, d), pos (R, C, 3) int32,
+    count (R, C) float32, frame (R, C) int64. Batched cache work (a TempCache commit pass, a padded attention call)
+    indexes every world's slots at once by (row, slot); a `LayerCache` is one row's views."""
 
-    def __init__(self, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.key = torch.zeros(capacity, heads, head_dim, dtype=dtype, device=device)
-        self.value = torch.zeros(capacity, heads, head_dim, dtype=dtype, device=device)
-        self.pos = torch.zeros(capacity, 3, dtype=torch.int32, device=device)
-        self.count = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.frame = torch.zeros(capacity, dtype=torch.int64, device=device)
+    FIELDS = ("key", "value", "pos", "count", "frame")
+
+    def __init__(
+        self, rows: int, capacity: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.key = torch.zeros(rows, capacity, heads, head_dim, dtype=dtype, device=device)
+        self.value = torch.zeros_like(self.key)
+        self.pos = torch.zeros(rows, capacity, 3, dtype=torch.int32, device=device)
+        self.count = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
+        self.frame = torch.zeros(rows, capacity, dtype=torch.int64, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.key.shape[1]
+
+    def resized(self, rows: int, capacity: int, keep: int) -> SlotPool:
+        """A new pool of `rows` x `capacity` slots holding the first `keep` slots of each of this one's rows (this
+        one is left as it was, so a failed allocation changes nothing)."""
+        heads, head_dim = self.key.shape[2:]
+        pool = SlotPool(rows, capacity, heads, head_dim, self.key.dtype, self.key.device)
+        for name in self.FIELDS:
+            getattr(pool, name)[: self.rows, :keep] = getattr(self, name)[:, :keep]
+        return pool
+
+    def clear(self, row: int) -> None:
+        for name in self.FIELDS:
+            getattr(self, name)[row].zero_()
+
+    def write_at(
+        self, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
+    ) -> None:
+        """Fresh slots (count 1) at (rows[i], slots[i]), each pair once: key, value (u, h, d); pos (u, 3)."""
+        self.key[rows, slots] = key
+        self.value[rows, slots] = value
+        self.pos[rows, slots] = pos
+        self.count[rows, slots] = 1.0
+        self.frame[rows, slots] = pos[:, 0].to(torch.int64)
+
+    def merge(
+        self, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
+    ) -> None:
+        """Merge one new token into each slot (rows[i], slots[i]), each pair once: newest key and position, running
+        mean value, count + 1."""
+        count = self.count[rows, slots]  # (u,)
+        mean = (self.value[rows, slots].float() * count[:, None, None] + value.float()) / (count[:, None, None] + 1)
+        self.value[rows, slots] = mean.to(self.value.dtype)
+        self.key[rows, slots] = key
+        self.pos[rows, slots] = pos
+        self.count[rows, slots] = count + 1
+        self.frame[rows, slots] = pos[:, 0].to(torch.int64)
+
+
+@dataclass
+class PooledViews:
+    """What B worlds whose layer caches are rows `rows` of one `pool` see, read in one gather: each world its slots
+    [0, lengths[b]), the first sinks[b] of them sink slots; `merged` if any of them holds a merged slot."""
+
+    pool: SlotPool
+    rows: list[int]
+    lengths: list[int]
+    sinks: list[int]
+    merged: bool
+
+    @classmethod
+    def of(cls, caches: list[LayerCache], sinks: int) -> PooledViews | None:
+        """Every slot in use of each cache (a `LayerCache.view` each), or None unless they share one pool."""
+        if not caches or any(cache.pool is not caches[0].pool for cache in caches):
+            return None
+        return cls(
+            caches[0].pool,
+            [cache.row for cache in caches],
+            [cache.length for cache in caches],
+            [min(sinks, cache.length) for cache in caches],
+            any(cache.merged for cache in caches),
+        )
+
+    def padded(self, slots: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The views left-padded to `slots` >= every length, world b's at [slots - lengths[b], slots), then `room`
+        rows for the caller to fill: key, value (B, slots + room, h, d), pos (B, slots + room, 3) (padding and room
+        hold the row's first slot: finite), bias (B, slots + room) float32, -inf on the padding, log m on the slots
+        and 0 on the room, or None where nothing is padded or merged."""
+        device = self.pool.key.device
+        lengths = torch.tensor(self.lengths, device=device)
+        index = torch.arange(slots + room, device=device)
+        offset = index - (slots - lengths[:, None])  # (B, slots + room): the slot each row holds; < 0 on padding
+        source = torch.where((offset >= 0) & (index < slots), offset, 0)
+        rows = torch.tensor(self.rows, device=device)[:, None]
+        key, value, pos = (t[rows, source] for t in (self.pool.key, self.pool.value, self.pool.pos))
+        bias = None
+        if self.merged or min(self.lengths) < slots:
+            bias = self.pool.count[rows, source].log().masked_fill(offset < 0, -math.inf).masked_fill(index >= slots, 0)
+        return key, value, pos, bias
+
+
+class LayerCache:
+    """Fixed-capacity slot buffers of one layer of one world, row `row` of a `SlotPool` (a pool of its own unless a
+    `CachePool` gave it one); slots [0, length) are in use. The buffers are views of the pool's row, set again
+    whenever the pool reallocates."""
+
+    def __init__(self, pool: SlotPool, row: int = 0, shared: bool = False) -> None:
+        self.pool = pool
+        self.row = row
+        self.shared = shared  # a row of a `CachePool`'s buffer, which other worlds' caches share: it cannot grow
+        self.bind()
         self.length = 0
         self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
         self.merges = 0  # tokens merged into an existing slot, since creation
         self.evictions = 0  # slots evicted to make room, since creation
         self.recent: torch.Tensor | None = None  # slots the latest merged frame's tokens went to (tempcache's state)
 
+    @classmethod
+    def alone(cls, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device) -> LayerCache:
+        """A layer cache in a pool of its own."""
+        return cls(SlotPool(1, capacity, heads, head_dim, dtype, device))
+
+    def bind(self, pool: SlotPool | None = None) -> None:
+        """Point the buffers at this row of `pool` (by default the one it is in)."""
+        self.pool = pool if pool is not None else self.pool
+        self.key, self.value, self.pos, self.count, self.frame = (
+            getattr(self.pool, name)[self.row] for name in SlotPool.FIELDS
+        )
+
     @property
     def capacity(self) -> int:
         return self.key.shape[0]
 
     def reserve(self, slots: int, grow: int) -> None:
-        """Make room for `slots` slots in total, growing by at least `grow` slots at once (one copy per growth)."""
+        """Make room for `slots` slots in total, growing by at least `grow` slots at once (one copy per growth).
+        Only a cache in a pool of its own can grow: the rows of a shared pool are bounded."""
         if slots <= self.capacity:
             return
-        capacity = max(slots, self.capacity + grow)
-        for name in ("key", "value", "pos", "count", "frame"):
-            old = getattr(self, name)
-            new = old.new_zeros((capacity, *old.shape[1:]))
-            new[: self.length] = old[: self.length]
-            setattr(self, name, new)
+        if self.shared:
+            raise RuntimeError(f"a pooled cache holds {self.capacity} slots and cannot grow to {slots}")
+        self.bind(self.pool.resized(1, max(slots, self.capacity + grow), keep=self.length))
 
     def write(self, start: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
         """Write N fresh slots (count 1) at [start, start + N): key, value (N, h, d); pos (N, 3)."""
@@ -73,30 +192,6 @@ class LayerCache:
         self.frame[start:end] = pos[:, 0].to(torch.int64)
         self.length = max(self.length, end)
 
-    def write_at(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
-        """Write fresh slots (count 1) at reserved indices `slots` (u,) < length: key, value (u, h, d); pos (u, 3)."""
-        self.key[slots] = key
-        self.value[slots] = value
-        self.pos[slots] = pos
-        self.count[slots] = 1.0
-        self.frame[slots] = pos[:, 0].to(torch.int64)
-
-    def merge(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
-        """Merge one new token into each of `slots` (u,), distinct: newest key and position, running mean value."""
-        count = self.count[slots]  # (u,)
-        mean = (self.value[slots].float() * count[:, None, None] + value.float()) / (count[:, None, None] + 1)
-        self.value[slots] = mean.to(self.value.dtype)
-        self.key[slots] = key
-        self.pos[slots] = pos
-        self.count[slots] = count + 1
-        self.frame[slots] = pos[:, 0].to(torch.int64)
-        self.merged = True
-        self.merges += slots.numel()
-
-    def evict(self, slots: torch.Tensor) -> None:
-        """Mark `slots` as evicted; the caller overwrites them with `write_at`."""
-        self.evictions += slots.numel()
-
     def view(self, sinks: int = 0) -> KVView:
         """All slots in use; the first `sinks` of them are sink slots."""
         n = self.length
@@ -105,17 +200,22 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated by this layer's buffers (not only the slots in use)."""
+        """Bytes of this layer's buffers (its row of the pool, not only the slots in use)."""
         return sum(t.numel() * t.element_size() for t in (self.key, self.value, self.pos, self.count, self.frame))
 
 
 class WorldCache:
     """The KV cache of one world: one `LayerCache` per transformer block."""
 
-    def __init__(
-        self, depth: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        self.layers = [LayerCache(heads, head_dim, capacity, dtype, device) for _ in range(depth)]
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def alone(
+        cls, depth: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> WorldCache:
+        """A cache whose layers are pools of their own: what an unbounded (growing) policy needs."""
+        return cls([LayerCache.alone(heads, head_dim, capacity, dtype, device) for _ in range(depth)])
 
     def tokens_per_layer(self) -> list[int]:
         return [layer.length for layer in self.layers]
@@ -134,3 +234,49 @@ class WorldCache:
                 round(float(layer.count[: layer.length].mean()), 4) if layer.length else 0.0 for layer in self.layers
             ],
         }
+
+
+class CachePool:
+    """The bounded caches of many worlds in one `SlotPool` per layer: `new_cache` hands out a row (the lowest
+    free one, cleared), which returns to the pool when its `WorldCache` is garbage-collected. With every row taken
+    the pool doubles, copying the rows and re-pointing every live cache at them; it keeps its largest size, as a
+    server keeps the memory of its busiest minute. Worlds of one pool attend and commit in a few batched calls per
+    layer, whatever their number (engine/attention.py, engine/tempcache.py)."""
+
+    def __init__(
+        self, depth: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layers = [SlotPool(1, capacity, heads, head_dim, dtype, device) for _ in range(depth)]
+        self._free = [0]  # a heap of free rows
+        self._caches: weakref.WeakValueDictionary[int, WorldCache] = weakref.WeakValueDictionary()
+        self._lock = threading.RLock()  # a cache may be collected on any thread, even while the pool grows
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0].rows
+
+    def new_cache(self) -> WorldCache:
+        with self._lock:
+            if not self._free:
+                self._grow()
+            row = heapq.heappop(self._free)
+        for layer in self.layers:
+            layer.clear(row)
+        cache = WorldCache([LayerCache(layer, row, shared=True) for layer in self.layers])
+        self._caches[row] = cache
+        weakref.finalize(cache, self._release, row)
+        return cache
+
+    def _grow(self) -> None:
+        rows = self.rows
+        # every layer's new buffers first: out of memory, the pool and its caches stay as they were
+        self.layers = [layer.resized(2 * rows, layer.capacity, keep=layer.capacity) for layer in self.layers]
+        for cache in list(self._caches.values()):
+            for layer, pool in zip(cache.layers, self.layers):
+                layer.bind(pool)
+        for row in range(rows, 2 * rows):
+            heapq.heappush(self._free, row)
+
+    def _release(self, row: int) -> None:
+        with self._lock:
+            heapq.heappush(self._free, row)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import CacheConfig, Sizes
-from engine.kv_cache import KVView, LayerCache
+from engine.kv_cache import KVView, LayerCache, PooledViews
 
 
 class CachePolicy:
@@ -65,6 +65,11 @@ class CachePolicy:
     def view(self, cache: LayerCache) -> KVView:
         """Every slot in use; every policy stores the sink frames' tokens first and never moves them."""
         return cache.view(sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
+
+    def view_worlds(self, caches: Sequence[LayerCache]) -> PooledViews | None:
+        """`view` of several worlds read in one gather, where their caches are rows of one pool (None where they
+        are not: then each is viewed alone). A policy that overrides `view` overrides this too."""
+        return PooledViews.of(list(caches), sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
 
 
 class DensePolicy(CachePolicy):

@@ -13,7 +13,8 @@ DESIGN.md decision 3). When the cosine similarity is at least `tau`, the token i
 
 Otherwise the token gets a slot of its own. A slot takes at most one new token per frame (the best-matching one; of
 equally good ones, the first), so a slot keeps following one piece of content through time. A commit pass merges
-the frames of all its worlds together: one batched search and one set of decisions, then each world's writes.
+the frames of all its worlds together: one batched search, one set of decisions, and the writes of every world in a
+few indexed writes to the pool their caches are rows of (engine/kv_cache.py, `CachePool`).
 With `exact_frames` 0 every frame is merged as it is written, the paper's form.
 
 The bound (DESIGN.md decision 1): at most `capacity` slots per layer, allocated once. When a frame's new slots do
@@ -59,61 +60,154 @@ class TempCachePolicy(CachePolicy):
         first_frames: Sequence[int],
     ) -> None:
         """Frame by frame, every world's tokens that are merged now (a frame leaving the exact ring, or every frame
-        with `exact_frames` 0) are matched in one batched search and one set of decisions (`_merge_frames`); each
-        world's cache then takes its merges, fresh slots and ring writes."""
+        with `exact_frames` 0) are matched in one batched search and one set of decisions, and the worlds' merges,
+        fresh slots and ring writes go to their pool in a few indexed writes (`_merge_frames`, `_write_frames`).
+        Worlds whose caches are rows of different pools (caches made alone) are committed pool by pool."""
+        pools: dict[int, list[int]] = {}
+        for b, cache in enumerate(caches):
+            pools.setdefault(id(cache.pool), []).append(b)
+        for worlds in pools.values():
+            if len(worlds) < len(caches):
+                index = torch.tensor(worlds, device=key.device)
+                self._commit_pool(
+                    [caches[b] for b in worlds], key[index], value[index], pos[index], [first_frames[b] for b in worlds]
+                )
+            else:
+                self._commit_pool(caches, key, value, pos, first_frames)
+
+    def _commit_pool(
+        self,
+        caches: Sequence[LayerCache],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+    ) -> None:
+        """`commit_worlds` for caches that are rows of one pool."""
         n, sinks = self.sizes.tokens_per_frame, self.config.sink_frames
+        rows = torch.tensor([cache.row for cache in caches], device=key.device)
         for i in range(key.shape[1] // n):
-            rows = slice(i * n, (i + 1) * n)
-            merging, writes = [], []  # (world, key, value, pos) to merge; (world, start slot) to write in place
-            for b, (cache, first) in enumerate(zip(caches, first_frames)):
+            tokens = slice(i * n, (i + 1) * n)
+            merging, leaving, writes = [], [], []  # worlds that merge (and the block of those whose frame leaves
+            for b, (cache, first) in enumerate(zip(caches, first_frames)):  # the ring); (world, block) to write
                 frame = first + i
                 if frame < sinks:
                     writes.append((b, frame * n))
                     cache.recent = None  # the frame after the sinks has nothing to merge into
                 elif self.exact == 0:
-                    merging.append((b, key[b, rows], value[b, rows], pos[b, rows]))
+                    merging.append(b)
                 else:
                     start = (sinks + (frame - sinks) % self.exact) * n  # the ring block of this frame
                     if frame - self.exact >= sinks:  # the block holds frame - exact, which leaves the exact frames
-                        leaving = (t[start : start + n].clone() for t in (cache.key, cache.value, cache.pos))
-                        merging.append((b, *leaving))
+                        merging.append(b)
+                        leaving.append(start)
                     writes.append((b, start))
             if merging:
-                frames = (torch.stack(t) for t in zip(*(m[1:] for m in merging)))  # key, value, pos (B', n, ...)
-                self._merge_frames([caches[b] for b, *_ in merging], *frames)
-            for b, start in writes:
-                caches[b].write(start, key[b, rows], value[b, rows], pos[b, rows])
+                worlds = torch.tensor(merging, device=key.device)
+                if self.exact == 0:
+                    frames = (t[worlds, tokens] for t in (key, value, pos))
+                else:  # read before this frame's writes overwrite the ring block
+                    slots = torch.tensor(leaving, device=key.device)[:, None] + torch.arange(n, device=key.device)
+                    pool = caches[0].pool
+                    frames = (t[rows[worlds, None], slots] for t in (pool.key, pool.value, pool.pos))
+                self._merge_frames([caches[b] for b in merging], rows[worlds], *frames)
+            if writes:
+                self._write_frames(caches, rows, writes, key[:, tokens], value[:, tokens], pos[:, tokens])
+
+    @staticmethod
+    def _write_frames(
+        caches: Sequence[LayerCache],
+        rows: torch.Tensor,
+        writes: Sequence[tuple[int, int]],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> None:
+        """Write one frame of each world in `writes` (world b, first slot) as fresh slots of its block: key, value
+        (B, n, h, d), pos (B, n, 3) for every world of `caches` (rows of one pool, at `rows`)."""
+        n = key.shape[1]
+        worlds = torch.tensor([b for b, _ in writes], device=key.device)
+        starts = torch.tensor([start for _, start in writes], device=key.device)
+        slots = (starts[:, None] + torch.arange(n, device=key.device)).flatten()
+        flat = (t[worlds].flatten(0, 1) for t in (key, value, pos))
+        caches[0].pool.write_at(rows[worlds].repeat_interleave(n), slots, *flat)
+        for b, start in writes:
+            caches[b].length = max(caches[b].length, start + n)
 
     def _merge_frames(
-        self, caches: Sequence[LayerCache], key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
+        self,
+        caches: Sequence[LayerCache],
+        rows: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
     ) -> None:
-        """Merge one frame of each world (key, value (B, n, h, d); pos (B, n, 3); world b's into caches[b]) into the
-        slots of the frame that world merged before it (`cache.recent`), or give its tokens slots of their own."""
+        """Merge one frame of each world (key, value (B, n, h, d); pos (B, n, 3); world b's into caches[b], row
+        rows[b] of their pool) into the slots of the frame that world merged before it (`cache.recent`), or give its
+        tokens slots of their own (`_allocate`)."""
         B, n = key.shape[:2]
-        merged = torch.zeros(B, n, dtype=torch.bool, device=key.device)  # token -> merged into target[b, token]
-        target = torch.zeros(B, n, dtype=torch.long, device=key.device)
+        pool, device = caches[0].pool, key.device
+        merged = torch.zeros(B, n, dtype=torch.bool, device=device)  # token -> merged into target[b, token]
+        target = torch.zeros(B, n, dtype=torch.long, device=device)
         matching = [b for b, cache in enumerate(caches) if cache.recent is not None]  # none right after the sinks
         if matching:
+            worlds = torch.tensor(matching, device=device)
             previous = torch.stack([caches[b].recent for b in matching])  # (B', n) slots of the previous frames
-            candidates = torch.stack([caches[b].key[p] for b, p in zip(matching, previous)])  # (B', n, h, d)
-            rows = torch.tensor(matching, device=key.device)
-            capacity = max(caches[b].capacity for b in matching)
-            merged[rows], target[rows] = self._match(key[rows], candidates, previous, capacity)
-        # one transfer of the decisions for the whole batch (a host sync on a GPU), then each world's writes
+            candidates = pool.key[rows[worlds, None], previous]  # (B', n, h, d)
+            merged[worlds], target[worlds] = self._match(key[worlds], candidates, previous, pool.capacity)
+        # one transfer of the decisions for the whole batch (a host sync on a GPU); the writes are indexed from it
         merged_host = merged.cpu()
+        into = merged_host.nonzero()  # (world, token) pairs that merge, world-major
+        fresh = (~merged_host).nonzero()  # the others, world-major, tokens in order
+        merges = torch.bincount(into[:, 0], minlength=B).tolist()
+        if len(into):
+            b, t = into.to(device).unbind(1)
+            pool.merge(rows[b], target[b, t], key[b, t], value[b, t], pos[b, t])
+        slot_of = torch.where(merged, target, -1)  # (B, n) the slot each token ends up in
+        if len(fresh):
+            b, t = fresh.to(device).unbind(1)
+            slots = self._allocate(caches, rows, n - merged_host.sum(1), merged, target)
+            pool.write_at(rows[b], slots, key[b, t], value[b, t], pos[b, t])
+            slot_of[b, t] = slots
         for b, cache in enumerate(caches):
-            slot_of = torch.full((n,), -1, dtype=torch.long, device=key.device)  # where each token ends up
-            tokens = merged_host[b].nonzero().squeeze(1).to(key.device)
-            if tokens.numel():
-                slots = target[b, tokens]
-                cache.merge(slots, key[b, tokens], value[b, tokens], pos[b, tokens])
-                slot_of[tokens] = slots
-            fresh = (~merged_host[b]).nonzero().squeeze(1).to(key.device)
-            if fresh.numel():
-                slots = self._allocate(cache, fresh.numel(), protect=slot_of[tokens])
-                cache.write_at(slots, key[b, fresh], value[b, fresh], pos[b, fresh])
-                slot_of[fresh] = slots
-            cache.recent = slot_of
+            if merges[b]:
+                cache.merged = True
+                cache.merges += merges[b]
+            cache.recent = slot_of[b]
+
+    def _allocate(
+        self,
+        caches: Sequence[LayerCache],
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+        merged: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        """Slots for `counts[b]` new tokens of each world, world-major: its unused slots first, in order, then its
+        least recently touched ones (smallest frame of their newest member; among equals the lowest index), never a
+        sink or exact frame's slot, nor one this frame merged into (`merged`, `target` (B, n))."""
+        pool, device = caches[0].pool, rows.device
+        B, C = merged.shape[0], pool.capacity
+        never = torch.iinfo(torch.int64).max
+        lengths = torch.tensor([cache.length for cache in caches], device=device)
+        # (B, C + 1): the frame of each slot's newest member, and a column that the unmerged tokens mark below
+        age = torch.cat((pool.frame[rows], pool.frame.new_zeros(B, 1)), dim=1)
+        age[:, :C][torch.arange(C, device=device) >= lengths[:, None]] = -1  # unused: first, in slot order
+        age[:, : self.fixed_slots] = never  # sinks and exact frames are never evicted
+        age.scatter_(1, torch.where(merged, target, C), never)  # nor the slots this frame merged into
+        order = torch.sort(age[:, :C], dim=1, stable=True).indices  # (B, C)
+        take = []
+        for b, (cache, count) in enumerate(zip(caches, counts.tolist())):
+            free = min(count, cache.capacity - cache.length)
+            need = count - free
+            protected = merged.shape[1] - count  # the tokens merged, one slot each
+            if need > cache.length - min(self.fixed_slots, cache.length) - protected:
+                # impossible with the capacity check in WorldConfig
+                raise RuntimeError(f"tempcache cannot place {need} new slots in a cache of {cache.capacity}")
+            cache.length += free
+            cache.evictions += need
+            take.extend(range(b * C, b * C + count))  # the world's first `count` slots in that order
+        return order.flatten()[torch.tensor(take, device=device)]
 
     def _match(
         self, key: torch.Tensor, candidates: torch.Tensor, previous: torch.Tensor, capacity: int
@@ -140,22 +234,3 @@ class TempCachePolicy(CachePolicy):
         first = token.new_full((B * capacity,), n).scatter_reduce(0, group, candidate, "amin")
         merged = (candidate == first[group]) & (candidate < n)
         return merged.view(B, n), target
-
-    def _allocate(self, cache: LayerCache, count: int, protect: torch.Tensor) -> torch.Tensor:
-        """`count` slot indices for new tokens: unused slots first, then evict the least recently touched."""
-        free = min(count, cache.capacity - cache.length)
-        slots = torch.arange(cache.length, cache.length + free, device=cache.key.device)
-        need = count - free
-        if need:
-            never = torch.iinfo(torch.int64).max
-            age = cache.frame[: cache.length].clone()  # frame of each slot's newest member
-            age[: min(self.fixed_slots, cache.length)] = never  # sinks and exact frames are never evicted
-            age[protect] = never  # nor slots this frame just merged into
-            if int((age < never).sum()) < need:  # impossible with the capacity check in WorldConfig
-                raise RuntimeError(f"tempcache cannot place {need} new slots in a cache of {cache.capacity}")
-            # least recently touched first; among equals the lowest slot index (stable sort)
-            victims = torch.sort(age, stable=True).indices[:need]
-            cache.evict(victims)
-            slots = torch.cat((slots, victims))
-        cache.length += free
-        return slots

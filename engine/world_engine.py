@@ -33,7 +33,7 @@ from engine.actions import IDLE, Action
 from engine.attention import CachedAttention, FoldedCommit, RotatedSlots, StepSlots, without_cudnn_attention
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
-from engine.kv_cache import WorldCache
+from engine.kv_cache import CachePool, WorldCache
 from engine.meter import AttentionMeter
 from engine.model import WorldModel
 from engine.policies import make_policy
@@ -87,6 +87,12 @@ class WorldEngine:
         self.dtype = dtype
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
+        # a bounded policy's worlds share one buffer per layer (batched commits and attention); an unbounded one's
+        # caches grow each on its own
+        m = config.model
+        self.pool = None
+        if self.sizes.capacity_slots is not None:
+            self.pool = CachePool(m.depth, m.heads, m.head_dim, self.sizes.capacity_slots, dtype, device)
         self.sampler = FlowSampler(config.sampler)
         with torch.inference_mode():
             self._free_prompt = model.prompt_encoder([""])  # what prompt dropout trained: the unconditional branch
@@ -132,7 +138,10 @@ class WorldEngine:
         """A fresh world; `init_frames` (T, H, W, 3) uint8, T a multiple of chunk_frames, are written into its
         cache as its first frames (`observe` under idle actions), so generation continues from them."""
         m = self.config.model
-        cache = WorldCache(m.depth, m.heads, m.head_dim, self.policy.capacity, self.dtype, self.device)
+        if self.pool is not None:
+            cache = self.pool.new_cache()
+        else:
+            cache = WorldCache.alone(m.depth, m.heads, m.head_dim, self.policy.capacity, self.dtype, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         world = World(prompt, seed, self.model.prompt_encoder([prompt]), cache, generator)
         if init_frames is not None:

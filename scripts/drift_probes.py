@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ class RecentPositions(CachePolicy):
         pos = view.pos.clone()
         pos[:, 0] = pos[:, 0].clamp(min=current - self.max_distance)
         return dataclasses.replace(view, pos=pos)
+
+    def view_worlds(self, caches: Sequence[LayerCache]) -> None:
+        return None  # the pooled read would skip `view`'s positions: each world is viewed alone
 
 
 def _game(engine: WorldEngine, frames: int):

@@ -11,8 +11,10 @@ together, once attending in one call per pass (the engine's way for such worlds)
 pass; and `--worlds` worlds of the engine's own policy, each `--apart` frames ahead of the next (sessions that
 joined at different times), the same two ways (padded to the longest world where the engine pads, docs/engine.md).
 The JSON holds SDPA calls per frame, the step's median time per backend (or the error that backend raised),
-both batched steps both ways, one world's attention call timed alone per backend at a fixed shape and at a new
-shape every call (`sdpa_call_us`), and the profiler's busiest operators by their own CPU time (with their GPU
+both batched steps both ways, what a step of the engine's policy asks of the host for 1 world and for `--worlds`
+worlds of one age and per world beyond the first (`work_per_step`: operators that do work, and on a GPU kernel
+launches and host synchronisations), one world's attention call timed alone per backend at a fixed shape and at a
+new shape every call (`sdpa_call_us`), and the profiler's busiest operators by their own CPU time (with their GPU
 time on a GPU); `--out` also writes the profiler's whole table (profile.txt) and the JSON (profile.json).
 
 Why it exists: on a lent H200 on 2026-11-29 a step of the default model took 65 to 110 ms whatever the cache's
@@ -110,11 +112,54 @@ def profile_step(
         "step_ms_median_by_sdpa_backend": backends,
         "dense_step_of_worlds_ms_median": together,
         "step_of_staggered_worlds_ms_median": staggered,
+        "work_per_step": work_per_step(engine, warmup, worlds),
         "sdpa_call_us": sdpa_call_us(engine),
         "busiest_operators": operators,
     }
     sort = f"self_{'cuda' if cuda else 'cpu'}_time_total"
     return summary, averages.table(sort_by=sort, row_limit=60)
+
+
+# operators that only describe other tensors (views, metadata): no work of their own, no kernel on a GPU
+VIEW_OPERATORS = {
+    "aten::" + name
+    for name in (
+        "alias as_strided chunk detach detach_ empty empty_like empty_strided expand expand_as flatten lift_fresh "
+        "narrow permute reshape resolve_conj resolve_neg select slice split squeeze t transpose unbind unflatten "
+        "unsqueeze view view_as view_as_complex view_as_real"
+    ).split()
+}
+LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"}
+SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
+
+
+def work_per_step(engine: WorldEngine, warmup: int, worlds: int, steps: int = 2) -> dict[str, Any]:
+    """What one step of the engine's own policy costs the host, for 1 world and for `worlds` worlds of one age:
+    operators that do work (top-level aten calls that are not views), and on a GPU kernel launches and host
+    synchronisations, per step and per world beyond the first. What a step does per world is what grows with the
+    number of sessions; on a GPU each launch costs a few microseconds of the host whatever its size."""
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    counts = {}
+    for count in (1, worlds):
+        batch = _World(engine, warmup, count)
+        with profile(activities=activities) as profiler:
+            batch.steps(steps * engine.chunk_frames)
+        events = profiler.events()
+        top = [
+            e
+            for e in events
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        ]
+        counts[count] = {"operators": sum(e.name not in VIEW_OPERATORS for e in top) / steps}
+        if cuda:
+            counts[count]["kernel_launches"] = sum(e.name in LAUNCHES for e in events) / steps
+            counts[count]["host_syncs"] = sum(e.name in SYNCS for e in events) / steps
+    return {
+        "worlds": worlds,
+        "per_step": {str(count): {k: round(v, 1) for k, v in c.items()} for count, c in counts.items()},
+        "per_extra_world": {k: round((counts[worlds][k] - counts[1][k]) / (worlds - 1), 1) for k in counts[1]},
+    }
 
 
 def sdpa_call_us(engine: WorldEngine, slots: int = 528) -> dict[str, dict[str, Any]]:

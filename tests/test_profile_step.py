@@ -50,3 +50,17 @@ def test_a_backend_the_device_lacks_is_reported_and_the_next_still_timed(monkeyp
     assert backends["MATH"]["step_ms_median"] > 0
     assert "error" in summary["sdpa_call_us"]["EFFICIENT_ATTENTION"]
     assert summary["sdpa_call_us"]["MATH"]["same_shape"] > 0
+
+
+def test_worlds_whose_caches_share_a_pool_add_a_fraction_of_the_work_of_worlds_alone() -> None:
+    """The host's work per step, counted (not timed): a bounded policy's worlds are rows of one pool, so each world
+    beyond the first adds a few operators (its noise, its row's views); the same worlds with caches of their own
+    attend and commit world by world."""
+    config = tiny_config(cache={"policy": "tempcache", "exact_frames": 1})
+    pooled = WorldEngine.from_config(config)
+    alone = WorldEngine.from_config(config)
+    alone.pool = None  # every new world's cache in pools of its own
+    shared = profile_step.work_per_step(pooled, warmup=6, worlds=4)
+    separate = profile_step.work_per_step(alone, warmup=6, worlds=4)
+    assert set(shared["per_step"]) == {"1", "4"} and shared["per_extra_world"]["operators"] > 0
+    assert shared["per_extra_world"]["operators"] * 4 < separate["per_extra_world"]["operators"]

@@ -117,7 +117,7 @@ def test_slot_bytes_match_the_cache_buffers(dtype: torch.dtype) -> None:
     config = tiny_config()
     m = config.model
     sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
-    layer = LayerCache(m.heads, m.head_dim, 10, dtype, torch.device("cpu"))
+    layer = LayerCache.alone(m.heads, m.head_dim, 10, dtype, torch.device("cpu"))
     assert layer.nbytes == 10 * sizes.slot_bytes
 
 

@@ -33,7 +33,7 @@ def _empty_cache(model: WorldModel):
     """The model's cache policy and an empty cache for one world."""
     config, m = model.config, model.config.model
     policy = make_policy(config.cache, config.sizes())
-    return policy, WorldCache(m.depth, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
+    return policy, WorldCache.alone(m.depth, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
 
 
 def _cached_pass(model, cache, policy, x, t, actions, prompt, first_frame, write):

@@ -9,7 +9,7 @@ import torch
 from engine import IDLE, WorldEngine
 from engine.ann import make_ann
 from engine.attention import attend
-from engine.kv_cache import LayerCache
+from engine.kv_cache import CachePool, LayerCache
 from engine.rope import Rope3D
 from engine.tempcache import TempCachePolicy
 from tests.conftest import tiny_config
@@ -37,7 +37,7 @@ def _policy(
 
 
 def _cache(policy: TempCachePolicy) -> LayerCache:
-    return LayerCache(H, D, policy.capacity, torch.float32, torch.device("cpu"))
+    return LayerCache.alone(H, D, policy.capacity, torch.float32, torch.device("cpu"))
 
 
 def _positions(frame: int) -> torch.Tensor:
@@ -115,14 +115,18 @@ def test_equally_similar_tokens_leave_the_slot_to_the_first() -> None:
 
 @pytest.mark.parametrize("exact", [0, 2])
 @pytest.mark.parametrize("ann", ["exact", "torch"])
-def test_worlds_committed_together_end_as_each_committed_alone(ann: str, exact: int) -> None:
-    """A commit pass hands every world's frame over at once (`commit_worlds`: one batched search and one set of
-    decisions): each cache ends slot for slot as if its world had committed alone, whether the world is writing its
-    sinks, filling the ring of exact frames, merging or evicting."""
+@pytest.mark.parametrize("pools", ["one pool", "two pools"])
+def test_worlds_committed_together_end_as_each_committed_alone(pools: str, ann: str, exact: int) -> None:
+    """A commit pass hands every world's frame over at once (`commit_worlds`: one batched search, one set of
+    decisions, indexed writes to the pool): each cache ends slot for slot as if its world had committed alone,
+    whether the world is writing its sinks, filling the ring of exact frames, merging or evicting, and whether the
+    worlds are rows of one pool (as an engine's are) or of two (committed pool by pool)."""
     torch.manual_seed(5)
     policy = _policy(capacity=(5 + exact) * N, exact_frames=exact, ann=ann)
     starts = [0, 1, 4, 9]  # world b writes its first frame in step starts[b]: the worlds stay at different stages
-    together = [_cache(policy) for _ in starts]
+    shared = [CachePool(1, H, D, policy.capacity, torch.float32, torch.device("cpu")) for _ in range(2)]
+    owners = [shared[b % 2 if pools == "two pools" else 0].new_cache() for b in range(len(starts))]
+    together = [owner.layers[0] for owner in owners]  # a row is the pool's while its WorldCache lives
     alone = [_cache(policy) for _ in starts]
     static = [torch.randn(N // 2, H, D) for _ in starts]  # each world's own unchanging content: merges
     for step in range(24):
