@@ -16,6 +16,7 @@ import heapq
 import math
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +235,30 @@ class WorldCache:
                 round(float(layer.count[: layer.length].mean()), 4) if layer.length else 0.0 for layer in self.layers
             ],
         }
+
+
+def by_pool(caches: Sequence[LayerCache]) -> list[list[int]]:
+    """The indices of `caches` grouped by the pool they are rows of, each group in order, groups in order of their
+    first cache: what batched cache work (one indexed operation per pool) runs over."""
+    groups: dict[int, list[int]] = {}
+    for b, cache in enumerate(caches):
+        groups.setdefault(id(cache.pool), []).append(b)
+    return list(groups.values())
+
+
+def write_blocks(
+    caches: Sequence[LayerCache], starts: Sequence[int], key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
+) -> None:
+    """Write world b's N tokens (key, value (B, N, h, d); pos (B, N, 3)) as fresh slots [starts[b], starts[b] + N)
+    of caches[b], for caches that are rows of one pool: one indexed write per buffer for them all."""
+    n, device = key.shape[1], key.device
+    if any(start + n > cache.capacity for cache, start in zip(caches, starts)):
+        raise AssertionError(f"write past capacity ({max(starts) + n} > {caches[0].capacity})")
+    rows = torch.tensor([cache.row for cache in caches], device=device).repeat_interleave(n)
+    slots = (torch.tensor(list(starts), device=device)[:, None] + torch.arange(n, device=device)).flatten()
+    caches[0].pool.write_at(rows, slots, key.flatten(0, 1), value.flatten(0, 1), pos.flatten(0, 1))
+    for cache, start in zip(caches, starts):
+        cache.length = max(cache.length, start + n)
 
 
 class CachePool:

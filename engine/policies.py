@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import CacheConfig, Sizes
-from engine.kv_cache import KVView, LayerCache, PooledViews
+from engine.kv_cache import KVView, LayerCache, PooledViews, by_pool, write_blocks
 
 
 class CachePolicy:
@@ -35,11 +35,6 @@ class CachePolicy:
         """Bounded policies allocate their whole capacity once."""
         assert self.sizes.capacity_slots is not None, f"{self.name} has no capacity in the config's sizes"
         return self.sizes.capacity_slots
-
-    def frames(self, tokens: int, first_frame: int) -> list[tuple[int, slice]]:
-        """A chunk's tokens frame by frame: (frame index, rows of that frame's tokens)."""
-        n = self.sizes.tokens_per_frame
-        return [(first_frame + i, slice(i * n, (i + 1) * n)) for i in range(tokens // n)]
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
@@ -92,11 +87,26 @@ class WindowPolicy(CachePolicy):
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
+        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
+
+    def commit_worlds(
+        self,
+        caches: Sequence[LayerCache],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+    ) -> None:
+        """Frame by frame, every world's frame into its block of the ring: one indexed write per pool."""
         n = self.sizes.tokens_per_frame
         sinks, window = self.config.sink_frames, self.config.window_frames
-        for frame, rows in self.frames(key.shape[0], first_frame):
-            block = frame if frame < sinks else sinks + (frame - sinks) % window
-            cache.write(block * n, key[rows], value[rows], pos[rows])
+        for worlds in by_pool(caches):
+            index = torch.tensor(worlds, device=key.device)
+            for i in range(key.shape[1] // n):
+                frames = [first_frames[b] + i for b in worlds]
+                blocks = [f if f < sinks else sinks + (f - sinks) % window for f in frames]
+                tokens = (t[index, i * n : (i + 1) * n] for t in (key, value, pos))
+                write_blocks([caches[b] for b in worlds], [block * n for block in blocks], *tokens)
 
 
 def make_policy(config: CacheConfig, sizes: Sizes) -> CachePolicy:

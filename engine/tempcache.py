@@ -31,7 +31,7 @@ import torch
 
 from engine.ann import AnnBackend
 from engine.config import CacheConfig, Sizes
-from engine.kv_cache import LayerCache
+from engine.kv_cache import LayerCache, by_pool, write_blocks
 from engine.policies import CachePolicy
 
 
@@ -61,12 +61,9 @@ class TempCachePolicy(CachePolicy):
     ) -> None:
         """Frame by frame, every world's tokens that are merged now (a frame leaving the exact ring, or every frame
         with `exact_frames` 0) are matched in one batched search and one set of decisions, and the worlds' merges,
-        fresh slots and ring writes go to their pool in a few indexed writes (`_merge_frames`, `_write_frames`).
+        fresh slots and ring writes go to their pool in a few indexed writes (`_merge_frames`, `write_blocks`).
         Worlds whose caches are rows of different pools (caches made alone) are committed pool by pool."""
-        pools: dict[int, list[int]] = {}
-        for b, cache in enumerate(caches):
-            pools.setdefault(id(cache.pool), []).append(b)
-        for worlds in pools.values():
+        for worlds in by_pool(caches):
             if len(worlds) < len(caches):
                 index = torch.tensor(worlds, device=key.device)
                 self._commit_pool(
@@ -112,27 +109,9 @@ class TempCachePolicy(CachePolicy):
                     frames = (t[rows[worlds, None], slots] for t in (pool.key, pool.value, pool.pos))
                 self._merge_frames([caches[b] for b in merging], rows[worlds], *frames)
             if writes:
-                self._write_frames(caches, rows, writes, key[:, tokens], value[:, tokens], pos[:, tokens])
-
-    @staticmethod
-    def _write_frames(
-        caches: Sequence[LayerCache],
-        rows: torch.Tensor,
-        writes: Sequence[tuple[int, int]],
-        key: torch.Tensor,
-        value: torch.Tensor,
-        pos: torch.Tensor,
-    ) -> None:
-        """Write one frame of each world in `writes` (world b, first slot) as fresh slots of its block: key, value
-        (B, n, h, d), pos (B, n, 3) for every world of `caches` (rows of one pool, at `rows`)."""
-        n = key.shape[1]
-        worlds = torch.tensor([b for b, _ in writes], device=key.device)
-        starts = torch.tensor([start for _, start in writes], device=key.device)
-        slots = (starts[:, None] + torch.arange(n, device=key.device)).flatten()
-        flat = (t[worlds].flatten(0, 1) for t in (key, value, pos))
-        caches[0].pool.write_at(rows[worlds].repeat_interleave(n), slots, *flat)
-        for b, start in writes:
-            caches[b].length = max(caches[b].length, start + n)
+                worlds = torch.tensor([b for b, _ in writes], device=key.device)
+                fresh = (t[worlds, tokens] for t in (key, value, pos))
+                write_blocks([caches[b] for b, _ in writes], [start for _, start in writes], *fresh)
 
     def _merge_frames(
         self,

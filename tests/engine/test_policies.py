@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from engine import IDLE, WorldEngine
+from engine.kv_cache import CachePool, LayerCache
+from engine.policies import make_policy
 from tests.conftest import tiny_config
 
 
@@ -64,3 +66,35 @@ def test_window_equals_dense_until_the_window_is_full() -> None:
         assert all((x == y).all() for x, y in zip(fa, fb))
     [fa], [fb] = dense.step([a], [IDLE]), window.step([b], [IDLE])
     assert not all((x == y).all() for x, y in zip(fa, fb)), "after eviction the two must differ"
+
+
+def test_window_worlds_of_one_pool_committed_together_end_as_each_alone() -> None:
+    """`commit_worlds` writes every world's frames into its ring blocks in one indexed write per pool and frame:
+    worlds at different frames, chunks of two frames, through the ring's wrap, the same slots as world by world."""
+    config = tiny_config(cache={"policy": "window", "sink_frames": 1, "window_frames": 3})
+    policy = make_policy(config.cache, config.sizes())
+    m, n = config.model, config.sizes().tokens_per_frame
+    pool = CachePool(1, m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu"))
+    owners = [pool.new_cache() for _ in range(3)]
+    together = [owner.layers[0] for owner in owners]
+    alone = [LayerCache.alone(m.heads, m.head_dim, policy.capacity, torch.float32, torch.device("cpu")) for _ in owners]
+    firsts = [0, 2, 6]  # each world's next frame
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        key, value = (torch.randn(3, 2 * n, m.heads, m.head_dim, generator=generator) for _ in range(2))
+        pos = torch.zeros(3, 2 * n, 3, dtype=torch.int32)
+        for b, first in enumerate(firsts):
+            pos[b, :, 0] = torch.arange(first, first + 2).repeat_interleave(n)
+        policy.commit_worlds(together, key, value, pos, firsts)
+        for b, first in enumerate(firsts):
+            policy.commit(alone[b], key[b], value[b], pos[b], first)
+        firsts = [first + 2 for first in firsts]
+    for a, b in zip(together, alone):
+        assert a.length == b.length == 4 * n
+        for name in ("key", "value", "pos", "count", "frame"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for layer, last in zip(together, firsts):  # the ring holds each world's 3 latest frames, block (f - 1) % 3 + 1
+        held = [int(layer.frame[block * n]) for block in (1, 2, 3)]
+        assert sorted(held) == [last - 3, last - 2, last - 1]
+        assert all((f - 1) % 3 + 1 == block for block, f in zip((1, 2, 3), held))
+    assert int(together[0].frame[0]) == 0 and not together[1].count[:n].any()  # world 1 began after the sink frame
