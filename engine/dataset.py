@@ -413,7 +413,7 @@ def start_recording_worker() -> None:
 
 
 @contextmanager
-def _workers_start_deaf_to_ctrl_c() -> Iterator[None]:
+def workers_start_deaf_to_ctrl_c() -> Iterator[None]:
     """SIGINT ignored while worker processes start in the block (in the main thread; elsewhere a no-op): a spawned
     worker keeps an ignored signal through exec, so a Ctrl-C while it is still importing, before
     `start_recording_worker` runs, does not print its traceback among the parent's last line."""
@@ -546,7 +546,7 @@ def write_dataset(
         others = set(multiprocessing.active_children())  # the caller's own child processes, if it has any
         pool = ProcessPoolExecutor(min(workers, len(jobs_left)), mp_context=context, initializer=start_recording_worker)
         try:
-            with _workers_start_deaf_to_ctrl_c():  # the pool starts its workers as jobs are submitted
+            with workers_start_deaf_to_ctrl_c():  # the pool starts its workers as jobs are submitted
                 futures = {pool.submit(_write_shard, job): job.path for job in jobs_left}
             for future in as_completed(futures):
                 shards[futures[future]] = future.result()

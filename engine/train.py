@@ -82,7 +82,14 @@ from engine.config import (
     read_yaml_mapping,
     with_overrides,
 )
-from engine.dataset import EpisodeSpec, action_array, record, start_recording_worker, train_spec
+from engine.dataset import (
+    EpisodeSpec,
+    action_array,
+    record,
+    start_recording_worker,
+    train_spec,
+    workers_start_deaf_to_ctrl_c,
+)
 from engine.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
 from engine.model import WorldModel
 from engine.world_engine import WorldEngine, resolve_device
@@ -272,9 +279,10 @@ class EpisodePool:
     def _request(self, indices: range) -> None:
         if self._executor is None:
             return
-        for index in indices:
-            if index not in self._ahead:
-                self._ahead[index] = self._executor.submit(record, *self._recording(index))
+        with workers_start_deaf_to_ctrl_c():  # the executor starts its workers as jobs are submitted
+            for index in indices:
+                if index not in self._ahead:
+                    self._ahead[index] = self._executor.submit(record, *self._recording(index))
 
     def close(self) -> None:
         if self._executor is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from engine.dataset import (
     replay,
     shard_bytes,
     train_spec,
+    workers_start_deaf_to_ctrl_c,
     write_dataset,
 )
 from engine.game import Game, HumanPolicy, theme_for_prompt
@@ -358,3 +360,26 @@ def test_ctrl_c_stops_the_data_command_at_once_and_the_same_command_resumes(
 def test_data_command_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "--out", str(tmp_path / "x"), "--train-episodes", "-1", "--config", str(CONFIG)]) == 2
     assert capsys.readouterr().err == "worldserve data: error: train_episodes must be >= 0, got -1\n"
+
+
+def _report_sigint(queue, label: str) -> None:
+    queue.put((label, str(signal.getsignal(signal.SIGINT))))
+
+
+def test_workers_started_in_the_block_begin_with_ctrl_c_ignored() -> None:
+    """A worker spawned inside `workers_start_deaf_to_ctrl_c` starts its interpreter with SIGINT ignored (kept
+    through exec), before any initializer of its pool runs; one spawned outside gets Python's usual handler, and
+    the parent's handler is back after the block."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    before = signal.getsignal(signal.SIGINT)
+    with workers_start_deaf_to_ctrl_c():
+        inside = context.Process(target=_report_sigint, args=(queue, "inside"))
+        inside.start()
+    assert signal.getsignal(signal.SIGINT) is before
+    outside = context.Process(target=_report_sigint, args=(queue, "outside"))
+    outside.start()
+    reports = dict(queue.get(timeout=60) for _ in range(2))
+    for process in (inside, outside):
+        process.join(60)
+    assert reports == {"inside": str(signal.SIG_IGN), "outside": str(signal.default_int_handler)}
