@@ -280,6 +280,13 @@ class CachePool:
     def rows(self) -> int:
         return self.layers[0].rows
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's buffers: every row, taken or free."""
+        return sum(
+            t.numel() * t.element_size() for layer in self.layers for t in (getattr(layer, f) for f in SlotPool.FIELDS)
+        )
+
     def new_cache(self) -> WorldCache:
         with self._lock:
             if not self._free:

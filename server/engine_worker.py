@@ -120,6 +120,15 @@ class EngineWorker:
                 future.set_exception(error)
             self.heartbeat = time.monotonic()  # a long job (loading the model) is not a stall once it is done
 
+    def _cache_bytes(self, engine: WorldEngine, attention: str) -> int:
+        """The KV cache memory of `attention`'s worlds: its engine's pool, or (an unbounded policy's caches, each
+        its own) the sum over the worlds of this worker's sessions under it."""
+        if engine.pool is not None:
+            return engine.pool.nbytes
+        with self._lock:
+            worlds = [s.world for s in self._sessions if s.attention == attention and s.world is not None]
+        return sum(world.cache.nbytes for world in worlds)
+
     def _step(self, orders: list[Order]) -> None:
         groups: dict[str, list[Order]] = {}
         for order in orders:
@@ -138,6 +147,8 @@ class EngineWorker:
             step_s = finished - started
             self._metrics.step_seconds.observe(step_s)
             self._metrics.batch_size.observe(len(group))
+            if isinstance(engine, WorldEngine):
+                self._metrics.kv_cache_bytes.labels(attention).set(self._cache_bytes(engine, attention))
             for order, chunk_frames in zip(group, frames):
                 order.session.stepped(finished)
                 world = order.world

@@ -43,6 +43,13 @@ class Metrics:
             "worldserve_protocol_errors", "Error messages sent to clients, by code", ["code"], registry=r
         )
         self.sessions_active = Gauge("worldserve_sessions_active", "Sessions holding a world", registry=r)
+        self.kv_cache_bytes = Gauge(
+            "worldserve_kv_cache_bytes",
+            "KV cache memory allocated for the worlds of an attention configuration, as of its last step (a bounded "
+            "policy's pool keeps the size of the most worlds it has held)",
+            ["attention"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,9 @@ async def test_default_engine_realtime_and_http_routes() -> None:
             assert "worldserve_sessions_active 1.0" in metrics
             assert "worldserve_frames_sent_total" in metrics and "worldserve_step_seconds_bucket" in metrics
             assert "worldserve_input_to_frame_seconds_count 1.0" in metrics
+            # the warm-up world's row was given back: the pool holds this session's world alone
+            held = re.search(r'^worldserve_kv_cache_bytes\{attention="tempcache"\} (\S+)$', metrics, re.MULTILINE)
+            assert held and float(held.group(1)) == frames[-1].cache.bytes
             assert "session" not in metrics.replace("sessions", "")  # no per-session labels
 
 

@@ -1,0 +1,40 @@
+"""The engine worker's account of KV cache memory, per attention configuration."""
+
+from __future__ import annotations
+
+from engine import IDLE, WorldEngine
+from server.engine_worker import EngineWorker
+from server.metrics import Metrics
+from tests.conftest import tiny_config
+
+
+class _Session:
+    """What the worker reads of a session here: its attention configuration and its world."""
+
+    def __init__(self, attention: str, world) -> None:
+        self.attention, self.world = attention, world
+
+
+def _worker_with(engine: WorldEngine, attention: str, worlds: list) -> EngineWorker:
+    worker = EngineWorker(Metrics(), on_chunk=lambda *_: None, on_failure=lambda *_: None)
+    worker.engines[attention] = engine
+    for world in worlds:
+        worker.add(_Session(attention, world))
+    worker.add(_Session("other", None))  # another configuration's session: not counted
+    return worker
+
+
+def test_a_bounded_configuration_reports_its_pool_and_an_unbounded_one_its_worlds() -> None:
+    bounded = WorldEngine.from_config(tiny_config(cache={"policy": "window"}))
+    worlds = [bounded.new_world(seed=s) for s in range(3)]  # the pool doubles to 4 rows
+    worker = _worker_with(bounded, "window", worlds[:1])
+    assert worker._cache_bytes(bounded, "window") == bounded.pool.nbytes == 4 * worlds[0].cache.nbytes
+
+    dense = WorldEngine.from_config(tiny_config(cache={"policy": "dense", "grow_frames": 2}))
+    worlds = [dense.new_world(seed=s) for s in range(2)]
+    for _ in range(4):
+        dense.step(worlds[1:], [IDLE])  # the second world's cache grows past the first's
+    dense.flush(worlds[1:])
+    worker = _worker_with(dense, "dense", worlds)
+    assert dense.pool is None and worlds[0].cache.nbytes < worlds[1].cache.nbytes
+    assert worker._cache_bytes(dense, "dense") == worlds[0].cache.nbytes + worlds[1].cache.nbytes
