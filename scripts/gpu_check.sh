@@ -6,7 +6,8 @@
 #      now leaves out, forced back alone), and 8 worlds' step with their attention in one call per pass against one
 #      per world and pass, of one length (dense) and 4 frames apart (padded), first and alone on the machine (on an
 #      H200 on 2026-11-29 a step took 65 to 110 ms, two thirds of it inside SDPA's calls), and one attention call
-#      timed alone per backend at a fixed shape and at a new shape every call (is the cost per new shape?)
+#      timed alone per backend at a fixed shape and at a new shape every call (is the cost per new shape?), and
+#      the kernel launches and host syncs of a step of 1 and of 8 worlds (what each world adds)
 #   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors, worlds of
 #      different lengths padded into one attention call on CUDA as each would step alone), in the
 #      background beside 3 (they check results, not speed)
@@ -75,7 +76,7 @@ PY
 echo "== 1/6 where a step's time goes on $device: profiler and SDPA backends, default model, tempcache+annsa"
 timeout 150 "$python" scripts/profile_step.py --device "$device" --out "$out/profile_step" \
     > "$out/profile_step.json" 2> "$out/profile_step.err" || { tail -n 5 "$out/profile_step.err"; status=1; }
-"$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print('SDPA calls per frame', d['sdpa_calls_per_frame']); print('step ms by SDPA backend', json.dumps(d['step_ms_median_by_sdpa_backend'])); print('dense step of worlds, ms', json.dumps(d['dense_step_of_worlds_ms_median'])); print('step of staggered worlds, ms', json.dumps(d['step_of_staggered_worlds_ms_median'])); print('one attention call, us', json.dumps(d['sdpa_call_us']))" "$out/profile_step/profile.json" || status=1
+"$python" -c "import json, sys; d = json.load(open(sys.argv[1])); print('SDPA calls per frame', d['sdpa_calls_per_frame']); print('step ms by SDPA backend', json.dumps(d['step_ms_median_by_sdpa_backend'])); print('dense step of worlds, ms', json.dumps(d['dense_step_of_worlds_ms_median'])); print('step of staggered worlds, ms', json.dumps(d['step_of_staggered_worlds_ms_median'])); print('one attention call, us', json.dumps(d['sdpa_call_us'])); print('host work per step (operators, kernel launches, syncs)', json.dumps(d['work_per_step']))" "$out/profile_step/profile.json" || status=1
 
 echo "== 2/6 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
 timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
