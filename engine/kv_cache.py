@@ -101,50 +101,61 @@ class SlotPool:
 
 @dataclass
 class PooledViews:
-    """What B worlds whose layer caches are rows `rows` of one `pool` see, read in one gather: each world its slots
-    [0, lengths[b]), the first sinks[b] of them sink slots; `merged` if any of them holds a merged slot."""
+    """What B worlds whose layer caches are rows of a `CachePool` see, read in one gather per segment of the pool
+    they occupy: each world its slots [0, lengths[b]), the first sinks[b] of them sink slots; `merged` if any of
+    them holds a merged slot."""
 
-    pool: SlotPool
-    rows: list[int]
+    caches: list[LayerCache]
     lengths: list[int]
     sinks: list[int]
     merged: bool
 
     @classmethod
     def of(cls, caches: list[LayerCache], sinks: int) -> PooledViews | None:
-        """Every slot in use of each cache (a `LayerCache.view` each), or None unless they share one pool."""
-        if not caches or any(cache.pool is not caches[0].pool for cache in caches):
+        """Every slot in use of each cache (a `LayerCache.view` each), or None unless each is a row of a pool."""
+        if not caches or not all(cache.shared for cache in caches):
             return None
-        return cls(
-            caches[0].pool,
-            [cache.row for cache in caches],
-            [cache.length for cache in caches],
-            [min(sinks, cache.length) for cache in caches],
-            any(cache.merged for cache in caches),
-        )
+        lengths = [cache.length for cache in caches]
+        return cls(list(caches), lengths, [min(sinks, n) for n in lengths], any(c.merged for c in caches))
 
     def padded(self, slots: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The views left-padded to `slots` >= every length, world b's at [slots - lengths[b], slots), then `room`
         rows for the caller to fill: key, value (B, slots + room, h, d), pos (B, slots + room, 3) (padding and room
         hold the row's first slot: finite), bias (B, slots + room) float32, -inf on the padding, log m on the slots
         and 0 on the room, or None where nothing is padded or merged."""
-        device = self.pool.key.device
-        lengths = torch.tensor(self.lengths, device=device)
+        biased = self.merged or min(self.lengths) < slots
+        groups = by_pool(self.caches)
+        parts = [self._gather(group, slots, room, biased) for group in groups]
+        if len(parts) == 1:
+            return parts[0]
+        order = [b for group in groups for b in group]  # the worlds as the parts hold them
+        back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=parts[0][0].device)
+        joined = [torch.cat(tensors).index_select(0, back) for tensors in zip(*(part[:3] for part in parts))]
+        bias = torch.cat([part[3] for part in parts]).index_select(0, back) if biased else None
+        return joined[0], joined[1], joined[2], bias
+
+    def _gather(
+        self, worlds: list[int], slots: int, room: int, biased: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`padded` for the worlds `worlds`, rows of one segment."""
+        pool = self.caches[worlds[0]].pool
+        device = pool.key.device
+        lengths = torch.tensor([self.lengths[b] for b in worlds], device=device)
         index = torch.arange(slots + room, device=device)
         offset = index - (slots - lengths[:, None])  # (B, slots + room): the slot each row holds; < 0 on padding
         source = torch.where((offset >= 0) & (index < slots), offset, 0)
-        rows = torch.tensor(self.rows, device=device)[:, None]
-        key, value, pos = (t[rows, source] for t in (self.pool.key, self.pool.value, self.pool.pos))
+        rows = torch.tensor([self.caches[b].row for b in worlds], device=device)[:, None]
+        key, value, pos = (t[rows, source] for t in (pool.key, pool.value, pool.pos))
         bias = None
-        if self.merged or min(self.lengths) < slots:
-            bias = self.pool.count[rows, source].log().masked_fill(offset < 0, -math.inf).masked_fill(index >= slots, 0)
+        if biased:
+            bias = pool.count[rows, source].log().masked_fill(offset < 0, -math.inf).masked_fill(index >= slots, 0)
         return key, value, pos, bias
 
 
 class LayerCache:
     """Fixed-capacity slot buffers of one layer of one world, row `row` of a `SlotPool` (a pool of its own unless a
-    `CachePool` gave it one); slots [0, length) are in use. The buffers are views of the pool's row, set again
-    whenever the pool reallocates."""
+    `CachePool` gave it one); slots [0, length) are in use. The buffers are views of the pool's row (set again when
+    a cache of its own grows)."""
 
     def __init__(self, pool: SlotPool, row: int = 0, shared: bool = False) -> None:
         self.pool = pool
@@ -262,53 +273,66 @@ def write_blocks(
 
 
 class CachePool:
-    """The bounded caches of many worlds in one `SlotPool` per layer: `new_cache` hands out a row (the lowest
-    free one, cleared), which returns to the pool when its `WorldCache` is garbage-collected. With every row taken
-    the pool doubles, copying the rows and re-pointing every live cache at them; it keeps its largest size, as a
-    server keeps the memory of its busiest minute. Worlds of one pool attend and commit in a few batched calls per
-    layer, whatever their number (engine/attention.py, engine/tempcache.py)."""
+    """The bounded caches of many worlds, as rows of a few buffers per layer: `new_cache` hands out a free row (the
+    first, in the oldest segment, cleared), which returns to the pool when its `WorldCache` is garbage-collected.
+    With every row taken the pool adds a segment (one `SlotPool` per layer) of twice the rows of the last, from
+    `FIRST_ROWS`, but of no more than `SEGMENT_BYTES` (at least one row): nothing is ever copied or moved, so
+    growing needs only the new segment's memory (out of memory, nothing has changed), and a model whose world caches
+    are large gets a segment per world. The pool keeps its segments, as a server keeps the memory of its busiest
+    minute: at most about twice the bytes of the most worlds it has held at once. Worlds of one segment attend and
+    commit in a few batched operations per layer, whatever their number (engine/attention.py,
+    engine/tempcache.py)."""
+
+    FIRST_ROWS = 8
+    SEGMENT_BYTES = 1 << 30
 
     def __init__(
         self, depth: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.layers = [SlotPool(1, capacity, heads, head_dim, dtype, device) for _ in range(depth)]
-        self._free = [0]  # a heap of free rows
-        self._caches: weakref.WeakValueDictionary[int, WorldCache] = weakref.WeakValueDictionary()
-        self._lock = threading.RLock()  # a cache may be collected on any thread, even while the pool grows
+        self.depth, self.heads, self.head_dim, self.capacity = depth, heads, head_dim, capacity
+        self.dtype, self.device = dtype, device
+        self.segments: list[list[SlotPool]] = []  # per segment, one SlotPool per layer
+        self._free: list[tuple[int, int]] = []  # a heap of free (segment, row)
+        self._lock = threading.Lock()  # a cache may be collected on any thread
 
     @property
     def rows(self) -> int:
-        return self.layers[0].rows
+        return sum(layers[0].rows for layers in self.segments)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every layer's buffers: every row, taken or free."""
+        """Bytes of every segment's buffers: every row, taken or free."""
         return sum(
-            t.numel() * t.element_size() for layer in self.layers for t in (getattr(layer, f) for f in SlotPool.FIELDS)
+            t.numel() * t.element_size()
+            for layers in self.segments
+            for layer in layers
+            for t in (getattr(layer, f) for f in SlotPool.FIELDS)
         )
 
     def new_cache(self) -> WorldCache:
         with self._lock:
             if not self._free:
-                self._grow()
-            row = heapq.heappop(self._free)
-        for layer in self.layers:
+                self._add_segment()
+            segment, row = heapq.heappop(self._free)
+        layers = self.segments[segment]
+        for layer in layers:
             layer.clear(row)
-        cache = WorldCache([LayerCache(layer, row, shared=True) for layer in self.layers])
-        self._caches[row] = cache
-        weakref.finalize(cache, self._release, row)
+        cache = WorldCache([LayerCache(layer, row, shared=True) for layer in layers])
+        weakref.finalize(cache, self._release, (segment, row))
         return cache
 
-    def _grow(self) -> None:
-        rows = self.rows
-        # every layer's new buffers first: out of memory, the pool and its caches stay as they were
-        self.layers = [layer.resized(2 * rows, layer.capacity, keep=layer.capacity) for layer in self.layers]
-        for cache in list(self._caches.values()):
-            for layer, pool in zip(cache.layers, self.layers):
-                layer.bind(pool)
-        for row in range(rows, 2 * rows):
-            heapq.heappush(self._free, row)
+    def _add_segment(self) -> None:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        # key and value per head, a 3-int32 position, a float32 count and an int64 frame per slot, every layer
+        row_bytes = self.depth * self.capacity * (2 * self.heads * self.head_dim * element + 3 * 4 + 4 + 8)
+        rows = max(1, min(self.FIRST_ROWS * 2 ** len(self.segments), self.SEGMENT_BYTES // row_bytes))
+        layers = [
+            SlotPool(rows, self.capacity, self.heads, self.head_dim, self.dtype, self.device) for _ in range(self.depth)
+        ]
+        self.segments.append(layers)
+        for row in range(rows):
+            heapq.heappush(self._free, (len(self.segments) - 1, row))
 
-    def _release(self, row: int) -> None:
+    def _release(self, place: tuple[int, int]) -> None:
         with self._lock:
-            heapq.heappush(self._free, row)
+            heapq.heappush(self._free, place)

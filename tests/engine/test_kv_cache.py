@@ -1,4 +1,4 @@
-"""The cache pool: one buffer per layer for many worlds' bounded caches, rows handed out, grown and given back."""
+"""The cache pool: many worlds' bounded caches as rows of a few buffers per layer, handed out and given back."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from engine.kv_cache import CachePool, LayerCache, PooledViews
 
 H, D, C = 2, 4, 6  # heads, head dim, slots per layer
+ROW_BYTES = C * (2 * H * D * 4 + 3 * 4 + 4 + 8)  # one world's slots of one layer, float32
 
 
 def _pool(depth: int = 2) -> CachePool:
@@ -30,25 +31,35 @@ def test_a_world_cache_is_a_row_of_every_layer_buffer_of_the_pool() -> None:
     first, second = pool.new_cache(), pool.new_cache()
     assert [layer.row for layer in first.layers] == [0, 0] and [layer.row for layer in second.layers] == [1, 1]
     _fill(second.layers[1], 3, seed=0)
-    assert torch.equal(pool.layers[1].key[1, :3], second.layers[1].key[:3])
-    assert not pool.layers[1].key[0].any() and not pool.layers[0].key.any()  # the other rows and layers untouched
-    assert first.nbytes == second.nbytes == 2 * C * (2 * H * D * 4 + 3 * 4 + 4 + 8)
+    [[_, layer1]] = pool.segments
+    assert torch.equal(layer1.key[1, :3], second.layers[1].key[:3])
+    assert not layer1.key[0].any() and not pool.segments[0][0].key.any()  # the other rows and layers untouched
+    assert first.nbytes == second.nbytes == 2 * ROW_BYTES
+    assert pool.rows == CachePool.FIRST_ROWS and pool.nbytes == CachePool.FIRST_ROWS * 2 * ROW_BYTES
 
 
-def test_growing_the_pool_keeps_every_live_cache_and_points_it_at_the_new_buffers() -> None:
+def test_a_full_pool_adds_a_segment_twice_as_large_and_moves_nothing() -> None:
     pool = _pool()
-    caches = [pool.new_cache() for _ in range(3)]  # the pool grows from 1 row to 2, then to 4
+    caches = [pool.new_cache() for _ in range(CachePool.FIRST_ROWS)]
     for b, cache in enumerate(caches):
-        _fill(cache.layers[0], 2 + b, seed=b)
-    before = [cache.layers[0].key[: 2 + b].clone() for b, cache in enumerate(caches)]
-    caches += [pool.new_cache() for _ in range(2)]  # 5 rows: 8
-    assert pool.rows == 8
-    for b, cache in enumerate(caches[:3]):
-        layer = cache.layers[0]
-        assert layer.key.data_ptr() == pool.layers[0].key[layer.row].data_ptr()  # a view of the new buffer
-        assert torch.equal(layer.key[: 2 + b], before[b]) and layer.length == 2 + b
-    _fill(caches[0].layers[0], 5, seed=9)  # writes land in the pool
-    assert torch.equal(pool.layers[0].key[0, :5], caches[0].layers[0].key[:5])
+        _fill(cache.layers[0], 1 + b % C, seed=b)
+    before = [(cache.layers[0].key.data_ptr(), cache.layers[0].key.clone()) for cache in caches]
+    extra = pool.new_cache()  # a new segment
+    assert [len(layers) for layers in pool.segments] == [2, 2] and pool.rows == 3 * CachePool.FIRST_ROWS
+    assert extra.layers[0].pool is pool.segments[1][0] and extra.layers[0].row == 0
+    for cache, (pointer, key) in zip(caches, before):
+        assert cache.layers[0].key.data_ptr() == pointer and torch.equal(cache.layers[0].key, key)
+
+
+def test_segments_stop_doubling_at_their_byte_budget(monkeypatch) -> None:
+    monkeypatch.setattr(CachePool, "SEGMENT_BYTES", 2 * 2 * ROW_BYTES)  # two worlds' caches of 2 layers
+    pool = _pool()
+    caches = [pool.new_cache() for _ in range(5)]
+    assert [layers[0].rows for layers in pool.segments] == [2, 2, 2] and len(caches) == 5
+    monkeypatch.setattr(CachePool, "SEGMENT_BYTES", 1)  # a model whose one world is over budget: a world a segment
+    big = _pool()
+    owners = [big.new_cache() for _ in range(3)]
+    assert [layers[0].rows for layers in big.segments] == [1, 1, 1] and len(owners) == 3
 
 
 def test_a_row_goes_back_to_the_pool_when_its_cache_is_dropped_and_comes_back_cleared() -> None:
@@ -58,7 +69,7 @@ def test_a_row_goes_back_to_the_pool_when_its_cache_is_dropped_and_comes_back_cl
     del dropped
     gc.collect()
     again = pool.new_cache()
-    assert again.layers[0].row == 1 and pool.rows == 2  # the freed row, not a new one
+    assert again.layers[0].row == 1 and pool.rows == CachePool.FIRST_ROWS  # the freed row, the first free one
     assert again.layers[0].length == 0 and not again.layers[0].key.any() and not again.layers[0].count.any()
     assert kept.layers[0].row == 0
 
@@ -75,20 +86,24 @@ def test_a_pooled_cache_cannot_grow_and_a_cache_alone_can() -> None:
     assert alone.capacity == C + 4 and torch.equal(alone.key[:C], pooled.key)
 
 
-def test_pooled_views_are_left_padded_and_masked_with_room_for_the_chunk() -> None:
+@pytest.mark.parametrize("segments", [1, 2])
+def test_pooled_views_are_left_padded_and_masked_with_room_for_the_chunk(segments: int, monkeypatch) -> None:
+    """Read in one gather per segment, in the worlds' order whichever segments they occupy."""
+    monkeypatch.setattr(CachePool, "FIRST_ROWS", 2 if segments == 2 else 8)
     pool = _pool(depth=1)
-    caches = [pool.new_cache() for _ in range(3)]
-    for b, length in enumerate((4, 2, 0)):
+    owners = [pool.new_cache() for _ in range(3)]  # with 2 first rows: worlds 0 and 1 in one segment, 2 in the next
+    assert len(pool.segments) == segments
+    order = [2, 0, 1]  # not the pool's order
+    caches = [owners[b].layers[0] for b in order]
+    for cache, length in zip(caches, (4, 2, 0)):
         if length:
-            _fill(caches[b].layers[0], length, seed=b)
-    merged = caches[0].layers[0]
-    merged.count[1], merged.merged = 3.0, True
-    views = PooledViews.of([cache.layers[0] for cache in caches], sinks=1)
+            _fill(cache, length, seed=length)
+    caches[0].count[1], caches[0].merged = 3.0, True
+    views = PooledViews.of(caches, sinks=1)
     assert views.lengths == [4, 2, 0] and views.sinks == [1, 1, 0] and views.merged
     key, value, pos, bias = views.padded(4, room=2)
     assert key.shape == (3, 6, H, D) and pos.shape == (3, 6, 3)
-    for b, length in enumerate((4, 2, 0)):
-        layer = caches[b].layers[0]
+    for b, (layer, length) in enumerate(zip(caches, (4, 2, 0))):
         assert torch.equal(key[b, 4 - length : 4], layer.key[:length])
         assert torch.equal(value[b, 4 - length : 4], layer.value[:length])
         assert torch.equal(pos[b, 4 - length : 4], layer.pos[:length])
@@ -98,10 +113,9 @@ def test_pooled_views_are_left_padded_and_masked_with_room_for_the_chunk() -> No
     assert torch.equal(bias[1, 2:4], torch.zeros(2))
 
 
-def test_views_of_caches_in_different_pools_are_not_pooled() -> None:
-    one, two = _pool(), _pool()
-    a, b = one.new_cache(), two.new_cache()
-    assert PooledViews.of([a.layers[0], b.layers[0]], sinks=0) is None
-    assert PooledViews.of([a.layers[0]], sinks=0) is not None
-    unmerged = PooledViews.of([a.layers[0]], sinks=0)
-    assert unmerged.padded(0)[3] is None  # nothing padded, nothing merged: no bias
+def test_caches_alone_are_not_pooled_views() -> None:
+    owner = _pool().new_cache()
+    alone = LayerCache.alone(H, D, C, torch.float32, torch.device("cpu"))
+    assert PooledViews.of([owner.layers[0], alone], sinks=0) is None
+    unmerged = PooledViews.of([owner.layers[0]], sinks=0)
+    assert unmerged is not None and unmerged.padded(0)[3] is None  # nothing padded, nothing merged: no bias

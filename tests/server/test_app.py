@@ -10,6 +10,7 @@ import numpy as np
 
 from engine import Action, WorldEngine, load_config
 from engine.game import START_FRAMES, start_view
+from engine.kv_cache import CachePool
 from engine.rollout import random_actions
 from server.encoder import decode_jpeg, encode_jpeg
 from server.protocol import ErrorCode
@@ -47,9 +48,9 @@ async def test_default_engine_realtime_and_http_routes() -> None:
             assert "worldserve_sessions_active 1.0" in metrics
             assert "worldserve_frames_sent_total" in metrics and "worldserve_step_seconds_bucket" in metrics
             assert "worldserve_input_to_frame_seconds_count 1.0" in metrics
-            # the warm-up world's row was given back: the pool holds this session's world alone
+            # the pool's first segment, where the warm-up world's row was and this session's world is
             held = re.search(r'^worldserve_kv_cache_bytes\{attention="tempcache"\} (\S+)$', metrics, re.MULTILINE)
-            assert held and float(held.group(1)) == frames[-1].cache.bytes
+            assert held and float(held.group(1)) == CachePool.FIRST_ROWS * frames[-1].cache.bytes
             assert "session" not in metrics.replace("sessions", "")  # no per-session labels
 
 

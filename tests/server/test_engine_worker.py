@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine import IDLE, WorldEngine
+from engine.kv_cache import CachePool
 from server.engine_worker import EngineWorker
 from server.metrics import Metrics
 from tests.conftest import tiny_config
@@ -26,9 +27,10 @@ def _worker_with(engine: WorldEngine, attention: str, worlds: list) -> EngineWor
 
 def test_a_bounded_configuration_reports_its_pool_and_an_unbounded_one_its_worlds() -> None:
     bounded = WorldEngine.from_config(tiny_config(cache={"policy": "window"}))
-    worlds = [bounded.new_world(seed=s) for s in range(3)]  # the pool doubles to 4 rows
+    worlds = [bounded.new_world(seed=s) for s in range(3)]  # rows of the pool's first segment
     worker = _worker_with(bounded, "window", worlds[:1])
-    assert worker._cache_bytes(bounded, "window") == bounded.pool.nbytes == 4 * worlds[0].cache.nbytes
+    held = CachePool.FIRST_ROWS * worlds[0].cache.nbytes
+    assert worker._cache_bytes(bounded, "window") == bounded.pool.nbytes == held
 
     dense = WorldEngine.from_config(tiny_config(cache={"policy": "dense", "grow_frames": 2}))
     worlds = [dense.new_world(seed=s) for s in range(2)]
