@@ -30,6 +30,7 @@ in `sdpa_call_us`, "default" is PyTorch's own order, cuDNN first where it applie
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import statistics
@@ -141,7 +142,10 @@ def work_per_step(engine: WorldEngine, warmup: int, worlds: int, steps: int = 2)
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     counts = {}
+    batch = None
     for count in (1, worlds):
+        batch = None  # the last batch's worlds give their cache rows back first
+        gc.collect()
         batch = _World(engine, warmup, count)
         with profile(activities=activities) as profiler:
             batch.steps(steps * engine.chunk_frames)
