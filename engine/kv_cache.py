@@ -1,5 +1,5 @@
 """KV cache storage: fixed-capacity slot buffers per layer, the per-world set of them, and the pool that holds the
-bounded caches of many worlds in one buffer per layer.
+bounded caches of many worlds as rows of a few buffers per layer.
 
 A *slot* holds one cached token of one layer, shared by all heads: its pre-rotary key and its value per head,
 the position (t, y, x) of its newest member, a count m of the tokens merged into it (1 unless a merging policy
@@ -61,6 +61,11 @@ class SlotPool:
     @property
     def capacity(self) -> int:
         return self.key.shape[1]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row: one world's slots of this layer."""
+        return sum(getattr(self, f).shape[1:].numel() * getattr(self, f).element_size() for f in self.FIELDS)
 
     def resized(self, rows: int, capacity: int, keep: int) -> SlotPool:
         """A new pool of `rows` x `capacity` slots holding the first `keep` slots of each of this one's rows (this
@@ -160,7 +165,7 @@ class LayerCache:
     def __init__(self, pool: SlotPool, row: int = 0, shared: bool = False) -> None:
         self.pool = pool
         self.row = row
-        self.shared = shared  # a row of a `CachePool`'s buffer, which other worlds' caches share: it cannot grow
+        self.shared = shared  # a row of a `CachePool`'s segment, which other worlds' caches share: it cannot grow
         self.bind()
         self.length = 0
         self.merged = False  # True once any slot holds more than one token: attention then needs the log m bias
@@ -263,8 +268,7 @@ def write_blocks(
     """Write world b's N tokens (key, value (B, N, h, d); pos (B, N, 3)) as fresh slots [starts[b], starts[b] + N)
     of caches[b], for caches that are rows of one pool: one indexed write per buffer for them all."""
     n, device = key.shape[1], key.device
-    if any(start + n > cache.capacity for cache, start in zip(caches, starts)):
-        raise AssertionError(f"write past capacity ({max(starts) + n} > {caches[0].capacity})")
+    assert max(starts) + n <= caches[0].capacity, f"write past capacity ({max(starts) + n} > {caches[0].capacity})"
     rows = torch.tensor([cache.row for cache in caches], device=device).repeat_interleave(n)
     slots = (torch.tensor(list(starts), device=device)[:, None] + torch.arange(n, device=device)).flatten()
     caches[0].pool.write_at(rows, slots, key.flatten(0, 1), value.flatten(0, 1), pos.flatten(0, 1))
@@ -302,12 +306,7 @@ class CachePool:
     @property
     def nbytes(self) -> int:
         """Bytes of every segment's buffers: every row, taken or free."""
-        return sum(
-            t.numel() * t.element_size()
-            for layers in self.segments
-            for layer in layers
-            for t in (getattr(layer, f) for f in SlotPool.FIELDS)
-        )
+        return sum(layer.rows * layer.row_bytes for layers in self.segments for layer in layers)
 
     def new_cache(self) -> WorldCache:
         with self._lock:
@@ -322,10 +321,10 @@ class CachePool:
         return cache
 
     def _add_segment(self) -> None:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        # key and value per head, a 3-int32 position, a float32 count and an int64 frame per slot, every layer
-        row_bytes = self.depth * self.capacity * (2 * self.heads * self.head_dim * element + 3 * 4 + 4 + 8)
-        rows = max(1, min(self.FIRST_ROWS * 2 ** len(self.segments), self.SEGMENT_BYTES // row_bytes))
+        world_bytes = (
+            self.depth * SlotPool(0, self.capacity, self.heads, self.head_dim, self.dtype, self.device).row_bytes
+        )
+        rows = max(1, min(self.FIRST_ROWS * 2 ** len(self.segments), self.SEGMENT_BYTES // world_bytes))
         layers = [
             SlotPool(rows, self.capacity, self.heads, self.head_dim, self.dtype, self.device) for _ in range(self.depth)
         ]

@@ -62,8 +62,8 @@ class CachePolicy:
         return cache.view(sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
 
     def view_worlds(self, caches: Sequence[LayerCache]) -> PooledViews | None:
-        """`view` of several worlds read in one gather, where their caches are rows of one pool (None where they
-        are not: then each is viewed alone). A policy that overrides `view` overrides this too."""
+        """`view` of several worlds read in one gather per buffer, where their caches are rows of a pool (None where
+        they are not: then each is viewed alone). A policy that overrides `view` overrides this too."""
         return PooledViews.of(list(caches), sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
 
 
@@ -97,7 +97,8 @@ class WindowPolicy(CachePolicy):
         pos: torch.Tensor,
         first_frames: Sequence[int],
     ) -> None:
-        """Frame by frame, every world's frame into its block of the ring: one indexed write per pool."""
+        """Frame by frame, every world's frame into its block of the ring: one indexed write per buffer (segment of
+        the pool) the worlds' caches are rows of."""
         n = self.sizes.tokens_per_frame
         sinks, window = self.config.sink_frames, self.config.window_frames
         for worlds in by_pool(caches):

@@ -14,7 +14,7 @@ DESIGN.md decision 3). When the cosine similarity is at least `tau`, the token i
 Otherwise the token gets a slot of its own. A slot takes at most one new token per frame (the best-matching one; of
 equally good ones, the first), so a slot keeps following one piece of content through time. A commit pass merges
 the frames of all its worlds together: one batched search, one set of decisions, and the writes of every world in a
-few indexed writes to the pool their caches are rows of (engine/kv_cache.py, `CachePool`).
+few indexed writes to the buffers their caches are rows of (engine/kv_cache.py, `CachePool`).
 With `exact_frames` 0 every frame is merged as it is written, the paper's form.
 
 The bound (DESIGN.md decision 1): at most `capacity` slots per layer, allocated once. When a frame's new slots do
@@ -62,7 +62,8 @@ class TempCachePolicy(CachePolicy):
         """Frame by frame, every world's tokens that are merged now (a frame leaving the exact ring, or every frame
         with `exact_frames` 0) are matched in one batched search and one set of decisions, and the worlds' merges,
         fresh slots and ring writes go to their pool in a few indexed writes (`_merge_frames`, `write_blocks`).
-        Worlds whose caches are rows of different pools (caches made alone) are committed pool by pool."""
+        Worlds whose caches are rows of different buffers (segments of a pool, caches made alone) are committed
+        buffer by buffer."""
         for worlds in by_pool(caches):
             if len(worlds) < len(caches):
                 index = torch.tensor(worlds, device=key.device)
@@ -80,7 +81,7 @@ class TempCachePolicy(CachePolicy):
         pos: torch.Tensor,
         first_frames: Sequence[int],
     ) -> None:
-        """`commit_worlds` for caches that are rows of one pool."""
+        """`commit_worlds` for caches that are rows of one buffer (`SlotPool`)."""
         n, sinks = self.sizes.tokens_per_frame, self.config.sink_frames
         rows = torch.tensor([cache.row for cache in caches], device=key.device)
         for i in range(key.shape[1] // n):

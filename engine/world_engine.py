@@ -87,8 +87,8 @@ class WorldEngine:
         self.dtype = dtype
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
-        # a bounded policy's worlds share one buffer per layer (batched commits and attention); an unbounded one's
-        # caches grow each on its own
+        # a bounded policy's worlds are rows of a few buffers per layer (batched commits and attention); an
+        # unbounded one's caches grow each on its own
         m = config.model
         self.pool = None
         if self.sizes.capacity_slots is not None:
