@@ -282,10 +282,10 @@ class CachePool:
     With every row taken the pool adds a segment (one `SlotPool` per layer) of twice the rows of the last, from
     `FIRST_ROWS`, but of no more than `SEGMENT_BYTES` (at least one row): nothing is ever copied or moved, so
     growing needs only the new segment's memory (out of memory, nothing has changed), and a model whose world caches
-    are large gets a segment per world. The pool keeps its segments, as a server keeps the memory of its busiest
-    minute: at most about twice the bytes of the most worlds it has held at once. Worlds of one segment attend and
-    commit in a few batched operations per layer, whatever their number (engine/attention.py,
-    engine/tempcache.py)."""
+    are large gets a segment per world. The last segments are given back once every row of them is free (the first
+    is kept), so the pool holds at most about twice the bytes of the worlds it holds, and at least the first
+    segment. Worlds of one segment attend and commit in a few batched operations per layer, whatever their number
+    (engine/attention.py, engine/tempcache.py)."""
 
     FIRST_ROWS = 8
     SEGMENT_BYTES = 1 << 30
@@ -297,23 +297,26 @@ class CachePool:
         self.dtype, self.device = dtype, device
         self.segments: list[list[SlotPool]] = []  # per segment, one SlotPool per layer
         self._free: list[tuple[int, int]] = []  # a heap of free (segment, row)
-        self._lock = threading.Lock()  # a cache may be collected on any thread
+        # a cache may be collected on any thread, and by the cycle collector inside this pool's own locked code
+        self._lock = threading.RLock()
 
     @property
     def rows(self) -> int:
-        return sum(layers[0].rows for layers in self.segments)
+        with self._lock:
+            return sum(layers[0].rows for layers in self.segments)
 
     @property
     def nbytes(self) -> int:
         """Bytes of every segment's buffers: every row, taken or free."""
-        return sum(layer.rows * layer.row_bytes for layers in self.segments for layer in layers)
+        with self._lock:
+            return sum(layer.rows * layer.row_bytes for layers in self.segments for layer in layers)
 
     def new_cache(self) -> WorldCache:
         with self._lock:
-            if not self._free:
+            while not self._free:  # (a collection while it adds a segment could give that segment back at once)
                 self._add_segment()
             segment, row = heapq.heappop(self._free)
-        layers = self.segments[segment]
+            layers = self.segments[segment]
         for layer in layers:
             layer.clear(row)
         cache = WorldCache([LayerCache(layer, row, shared=True) for layer in layers])
@@ -335,3 +338,11 @@ class CachePool:
     def _release(self, place: tuple[int, int]) -> None:
         with self._lock:
             heapq.heappush(self._free, place)
+            # the last segments, while every row of them is free: no cache refers to them any more
+            while len(self.segments) > 1:
+                last = len(self.segments) - 1
+                if sum(segment == last for segment, _ in self._free) < self.segments[last][0].rows:
+                    break
+                self.segments.pop()
+                self._free = [free for free in self._free if free[0] != last]
+                heapq.heapify(self._free)

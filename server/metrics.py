@@ -46,7 +46,7 @@ class Metrics:
         self.kv_cache_bytes = Gauge(
             "worldserve_kv_cache_bytes",
             "KV cache memory allocated for the worlds of an attention configuration, as of its last step (a bounded "
-            "policy's pool keeps the size of the most worlds it has held)",
+            "policy's pool: the segments its worlds occupy, and at least its first)",
             ["attention"],
             registry=r,
         )

@@ -51,6 +51,22 @@ def test_a_full_pool_adds_a_segment_twice_as_large_and_moves_nothing() -> None:
         assert cache.layers[0].key.data_ptr() == pointer and torch.equal(cache.layers[0].key, key)
 
 
+def test_the_last_segments_are_given_back_once_their_rows_are_free_and_the_first_is_kept() -> None:
+    pool = _pool()
+    caches = [pool.new_cache() for _ in range(CachePool.FIRST_ROWS + 1)]  # 8 + 16 rows
+    assert pool.rows == 3 * CachePool.FIRST_ROWS
+    last = caches.pop()  # the second segment's only world
+    del last
+    gc.collect()
+    assert pool.rows == CachePool.FIRST_ROWS and pool.nbytes == CachePool.FIRST_ROWS * 2 * ROW_BYTES
+    again = pool.new_cache()  # the second segment again, as large as before
+    assert pool.rows == 3 * CachePool.FIRST_ROWS and again.layers[0].pool is pool.segments[1][0]
+    del caches, again
+    gc.collect()
+    assert pool.rows == CachePool.FIRST_ROWS  # every world gone: the first segment stays
+    assert [pool.new_cache().layers[0].row for _ in range(2)] == [0, 0]  # (each dropped at once: row 0 again)
+
+
 def test_segments_stop_doubling_at_their_byte_budget(monkeypatch) -> None:
     monkeypatch.setattr(CachePool, "SEGMENT_BYTES", 2 * 2 * ROW_BYTES)  # two worlds' caches of 2 layers
     pool = _pool()
