@@ -142,7 +142,6 @@ def work_per_step(engine: WorldEngine, warmup: int, worlds: int, steps: int = 2)
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     counts = {}
-    batch = None
     for count in (1, worlds):
         batch = None  # the last batch's worlds give their cache rows back first
         gc.collect()
