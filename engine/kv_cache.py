@@ -262,6 +262,42 @@ def by_pool(caches: Sequence[LayerCache]) -> list[list[int]]:
     return list(groups.values())
 
 
+def read_slots(caches: Sequence[LayerCache], name: str, slots: torch.Tensor) -> torch.Tensor:
+    """Buffer `name` ("key", "value", "pos", "frame", ...) of each cache at its slots: slots (B, m) -> (B, m, ...),
+    one indexed read per buffer the caches are rows of, in the caches' order."""
+    device = slots.device
+    groups = by_pool(caches)
+    parts = []
+    for group in groups:
+        rows = torch.tensor([caches[b].row for b in group], device=device)[:, None]
+        taken = slots if len(groups) == 1 else slots[torch.tensor(group, device=device)]
+        parts.append(getattr(caches[group[0]].pool, name)[rows, taken])
+    if len(parts) == 1:
+        return parts[0]
+    order = [b for group in groups for b in group]
+    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
+    return torch.cat(parts).index_select(0, back)
+
+
+def by_buffer(
+    caches: Sequence[LayerCache], worlds: torch.Tensor
+) -> list[tuple[SlotPool, torch.Tensor, torch.Tensor | None]]:
+    """For entries that belong to worlds `worlds` (u,) (host; indices into `caches`): per buffer the caches are rows
+    of, that buffer, the rows of its entries and which entries they are (u',), or None for all of them (on the
+    buffers' device): what indexed writes to several buffers run over."""
+    device = caches[0].key.device
+    rows = torch.tensor([cache.row for cache in caches])
+    groups = by_pool(caches)
+    if len(groups) == 1:
+        return [(caches[0].pool, rows[worlds].to(device), None)]
+    out = []
+    for group in groups:
+        picked = torch.isin(worlds, torch.tensor(group)).nonzero().squeeze(1)
+        if len(picked):
+            out.append((caches[group[0]].pool, rows[worlds[picked]].to(device), picked.to(device)))
+    return out
+
+
 def write_blocks(
     caches: Sequence[LayerCache], starts: Sequence[int], key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
 ) -> None:

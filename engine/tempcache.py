@@ -14,7 +14,7 @@ DESIGN.md decision 3). When the cosine similarity is at least `tau`, the token i
 Otherwise the token gets a slot of its own. A slot takes at most one new token per frame (the best-matching one; of
 equally good ones, the first), so a slot keeps following one piece of content through time. A commit pass merges
 the frames of all its worlds together: one batched search, one set of decisions, and the writes of every world in a
-few indexed writes to the buffers their caches are rows of (engine/kv_cache.py, `CachePool`).
+few indexed writes per buffer their caches are rows of (engine/kv_cache.py, `CachePool`).
 With `exact_frames` 0 every frame is merged as it is written, the paper's form.
 
 The bound (DESIGN.md decision 1): at most `capacity` slots per layer, allocated once. When a frame's new slots do
@@ -31,7 +31,7 @@ import torch
 
 from engine.ann import AnnBackend
 from engine.config import CacheConfig, Sizes
-from engine.kv_cache import LayerCache, by_pool, write_blocks
+from engine.kv_cache import LayerCache, by_buffer, by_pool, read_slots, write_blocks
 from engine.policies import CachePolicy
 
 
@@ -61,29 +61,9 @@ class TempCachePolicy(CachePolicy):
     ) -> None:
         """Frame by frame, every world's tokens that are merged now (a frame leaving the exact ring, or every frame
         with `exact_frames` 0) are matched in one batched search and one set of decisions, and the worlds' merges,
-        fresh slots and ring writes go to their pool in a few indexed writes (`_merge_frames`, `write_blocks`).
-        Worlds whose caches are rows of different buffers (segments of a pool, caches made alone) are committed
-        buffer by buffer."""
-        for worlds in by_pool(caches):
-            if len(worlds) < len(caches):
-                index = torch.tensor(worlds, device=key.device)
-                self._commit_pool(
-                    [caches[b] for b in worlds], key[index], value[index], pos[index], [first_frames[b] for b in worlds]
-                )
-            else:
-                self._commit_pool(caches, key, value, pos, first_frames)
-
-    def _commit_pool(
-        self,
-        caches: Sequence[LayerCache],
-        key: torch.Tensor,
-        value: torch.Tensor,
-        pos: torch.Tensor,
-        first_frames: Sequence[int],
-    ) -> None:
-        """`commit_worlds` for caches that are rows of one buffer (`SlotPool`)."""
+        fresh slots and ring writes go to the buffers their caches are rows of in a few indexed writes per buffer
+        (`_merge_frames`, `write_blocks`)."""
         n, sinks = self.sizes.tokens_per_frame, self.config.sink_frames
-        rows = torch.tensor([cache.row for cache in caches], device=key.device)
         for i in range(key.shape[1] // n):
             tokens = slice(i * n, (i + 1) * n)
             merging, leaving, writes = [], [], []  # worlds that merge (and the block of those whose frame leaves
@@ -101,40 +81,35 @@ class TempCachePolicy(CachePolicy):
                         leaving.append(start)
                     writes.append((b, start))
             if merging:
-                worlds = torch.tensor(merging, device=key.device)
+                worlds, merged = torch.tensor(merging, device=key.device), [caches[b] for b in merging]
                 if self.exact == 0:
-                    frames = (t[worlds, tokens] for t in (key, value, pos))
+                    frames = [t[worlds, tokens] for t in (key, value, pos)]
                 else:  # read before this frame's writes overwrite the ring block
                     slots = torch.tensor(leaving, device=key.device)[:, None] + torch.arange(n, device=key.device)
-                    pool = caches[0].pool
-                    frames = (t[rows[worlds, None], slots] for t in (pool.key, pool.value, pool.pos))
-                self._merge_frames([caches[b] for b in merging], rows[worlds], *frames)
-            if writes:
-                worlds = torch.tensor([b for b, _ in writes], device=key.device)
-                fresh = (t[worlds, tokens] for t in (key, value, pos))
-                write_blocks([caches[b] for b, _ in writes], [start for _, start in writes], *fresh)
+                    frames = [read_slots(merged, name, slots) for name in ("key", "value", "pos")]
+                self._merge_frames(merged, *frames)
+            for group in by_pool([caches[b] for b, _ in writes]):
+                blocks = [writes[j] for j in group]
+                index = torch.tensor([b for b, _ in blocks], device=key.device)
+                fresh = (t[index, tokens] for t in (key, value, pos))
+                write_blocks([caches[b] for b, _ in blocks], [start for _, start in blocks], *fresh)
 
     def _merge_frames(
-        self,
-        caches: Sequence[LayerCache],
-        rows: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        pos: torch.Tensor,
+        self, caches: Sequence[LayerCache], key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor
     ) -> None:
-        """Merge one frame of each world (key, value (B, n, h, d); pos (B, n, 3); world b's into caches[b], row
-        rows[b] of their pool) into the slots of the frame that world merged before it (`cache.recent`), or give its
-        tokens slots of their own (`_allocate`)."""
+        """Merge one frame of each world (key, value (B, n, h, d); pos (B, n, 3); world b's into caches[b]) into the
+        slots of the frame that world merged before it (`cache.recent`), or give its tokens slots of their own
+        (`_allocate`)."""
         B, n = key.shape[:2]
-        pool, device = caches[0].pool, key.device
+        device = key.device
         merged = torch.zeros(B, n, dtype=torch.bool, device=device)  # token -> merged into target[b, token]
         target = torch.zeros(B, n, dtype=torch.long, device=device)
         matching = [b for b, cache in enumerate(caches) if cache.recent is not None]  # none right after the sinks
         if matching:
             worlds = torch.tensor(matching, device=device)
             previous = torch.stack([caches[b].recent for b in matching])  # (B', n) slots of the previous frames
-            candidates = pool.key[rows[worlds, None], previous]  # (B', n, h, d)
-            merged[worlds], target[worlds] = self._match(key[worlds], candidates, previous, pool.capacity)
+            candidates = read_slots([caches[b] for b in matching], "key", previous)  # (B', n, h, d)
+            merged[worlds], target[worlds] = self._match(key[worlds], candidates, previous, caches[0].capacity)
         # one transfer of the decisions for the whole batch (a host sync on a GPU); the writes are indexed from it
         merged_host = merged.cpu()
         into = merged_host.nonzero()  # (world, token) pairs that merge, world-major
@@ -142,12 +117,16 @@ class TempCachePolicy(CachePolicy):
         merges = torch.bincount(into[:, 0], minlength=B).tolist()
         if len(into):
             b, t = into.to(device).unbind(1)
-            pool.merge(rows[b], target[b, t], key[b, t], value[b, t], pos[b, t])
+            for pool, rows, picked in by_buffer(caches, into[:, 0]):
+                w, k = (b, t) if picked is None else (b[picked], t[picked])
+                pool.merge(rows, target[w, k], key[w, k], value[w, k], pos[w, k])
         slot_of = torch.where(merged, target, -1)  # (B, n) the slot each token ends up in
         if len(fresh):
             b, t = fresh.to(device).unbind(1)
-            slots = self._allocate(caches, rows, n - merged_host.sum(1), merged, target)
-            pool.write_at(rows[b], slots, key[b, t], value[b, t], pos[b, t])
+            slots = self._allocate(caches, n - merged_host.sum(1), merged, target)
+            for pool, rows, picked in by_buffer(caches, fresh[:, 0]):
+                w, k, s = (b, t, slots) if picked is None else (b[picked], t[picked], slots[picked])
+                pool.write_at(rows, s, key[w, k], value[w, k], pos[w, k])
             slot_of[b, t] = slots
         for b, cache in enumerate(caches):
             if merges[b]:
@@ -156,23 +135,19 @@ class TempCachePolicy(CachePolicy):
             cache.recent = slot_of[b]
 
     def _allocate(
-        self,
-        caches: Sequence[LayerCache],
-        rows: torch.Tensor,
-        counts: torch.Tensor,
-        merged: torch.Tensor,
-        target: torch.Tensor,
+        self, caches: Sequence[LayerCache], counts: torch.Tensor, merged: torch.Tensor, target: torch.Tensor
     ) -> torch.Tensor:
         """Slots for `counts[b]` new tokens of each world, world-major: its unused slots first, in order, then its
         least recently touched ones (smallest frame of their newest member; among equals the lowest index), never a
         sink or exact frame's slot, nor one this frame merged into (`merged`, `target` (B, n))."""
-        pool, device = caches[0].pool, rows.device
-        B, C = merged.shape[0], pool.capacity
+        device = merged.device
+        B, C = merged.shape[0], caches[0].capacity
         never = torch.iinfo(torch.int64).max
         lengths = torch.tensor([cache.length for cache in caches], device=device)
+        every = torch.arange(C, device=device)
         # (B, C + 1): the frame of each slot's newest member, and a column that the unmerged tokens mark below
-        age = torch.cat((pool.frame[rows], pool.frame.new_zeros(B, 1)), dim=1)
-        age[:, :C][torch.arange(C, device=device) >= lengths[:, None]] = -1  # unused: first, in slot order
+        age = torch.cat((read_slots(caches, "frame", every.expand(B, C)), lengths.new_zeros(B, 1)), dim=1)
+        age[:, :C][every >= lengths[:, None]] = -1  # unused: first, in slot order
         age[:, : self.fixed_slots] = never  # sinks and exact frames are never evicted
         age.scatter_(1, torch.where(merged, target, C), never)  # nor the slots this frame merged into
         order = torch.sort(age[:, :C], dim=1, stable=True).indices  # (B, C)

@@ -115,17 +115,20 @@ def test_equally_similar_tokens_leave_the_slot_to_the_first() -> None:
 
 @pytest.mark.parametrize("exact", [0, 2])
 @pytest.mark.parametrize("ann", ["exact", "torch"])
-@pytest.mark.parametrize("pools", ["one pool", "two pools"])
-def test_worlds_committed_together_end_as_each_committed_alone(pools: str, ann: str, exact: int) -> None:
+@pytest.mark.parametrize("pools", ["one pool", "two segments", "two pools"])
+def test_worlds_committed_together_end_as_each_committed_alone(pools: str, ann: str, exact: int, monkeypatch) -> None:
     """A commit pass hands every world's frame over at once (`commit_worlds`: one batched search, one set of
-    decisions, indexed writes to the pool): each cache ends slot for slot as if its world had committed alone,
+    decisions, indexed writes per buffer): each cache ends slot for slot as if its world had committed alone,
     whether the world is writing its sinks, filling the ring of exact frames, merging or evicting, and whether the
-    worlds are rows of one pool (as an engine's are) or of two (committed pool by pool)."""
+    worlds are rows of one buffer (as an engine's few first worlds are), of two segments of a pool, or of two
+    pools."""
+    monkeypatch.setattr(CachePool, "FIRST_ROWS", 2 if pools == "two segments" else 8)
     torch.manual_seed(5)
     policy = _policy(capacity=(5 + exact) * N, exact_frames=exact, ann=ann)
     starts = [0, 1, 4, 9]  # world b writes its first frame in step starts[b]: the worlds stay at different stages
     shared = [CachePool(1, H, D, policy.capacity, torch.float32, torch.device("cpu")) for _ in range(2)]
     owners = [shared[b % 2 if pools == "two pools" else 0].new_cache() for b in range(len(starts))]
+    assert len({id(owner.layers[0].pool) for owner in owners}) == (1 if pools == "one pool" else 2)
     together = [owner.layers[0] for owner in owners]  # a row is the pool's while its WorldCache lives
     alone = [_cache(policy) for _ in starts]
     static = [torch.randn(N // 2, H, D) for _ in starts]  # each world's own unchanging content: merges
