@@ -128,32 +128,17 @@ class PooledViews:
         rows for the caller to fill: key, value (B, slots + room, h, d), pos (B, slots + room, 3) (padding and room
         hold the row's first slot: finite), bias (B, slots + room) float32, -inf on the padding, log m on the slots
         and 0 on the room, or None where nothing is padded or merged."""
-        biased = self.merged or min(self.lengths) < slots
-        groups = by_pool(self.caches)
-        parts = [self._gather(group, slots, room, biased) for group in groups]
-        if len(parts) == 1:
-            return parts[0]
-        order = [b for group in groups for b in group]  # the worlds as the parts hold them
-        back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=parts[0][0].device)
-        joined = [torch.cat(tensors).index_select(0, back) for tensors in zip(*(part[:3] for part in parts))]
-        bias = torch.cat([part[3] for part in parts]).index_select(0, back) if biased else None
-        return joined[0], joined[1], joined[2], bias
-
-    def _gather(
-        self, worlds: list[int], slots: int, room: int, biased: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`padded` for the worlds `worlds`, rows of one segment."""
-        pool = self.caches[worlds[0]].pool
-        device = pool.key.device
-        lengths = torch.tensor([self.lengths[b] for b in worlds], device=device)
+        device = self.caches[0].key.device
+        lengths = torch.tensor(self.lengths, device=device)
         index = torch.arange(slots + room, device=device)
         offset = index - (slots - lengths[:, None])  # (B, slots + room): the slot each row holds; < 0 on padding
         source = torch.where((offset >= 0) & (index < slots), offset, 0)
-        rows = torch.tensor([self.caches[b].row for b in worlds], device=device)[:, None]
-        key, value, pos = (t[rows, source] for t in (pool.key, pool.value, pool.pos))
+        biased = self.merged or min(self.lengths) < slots
+        names = ("key", "value", "pos", "count") if biased else ("key", "value", "pos")
+        key, value, pos, *count = read_slots(self.caches, source, *names)
         bias = None
         if biased:
-            bias = pool.count[rows, source].log().masked_fill(offset < 0, -math.inf).masked_fill(index >= slots, 0)
+            bias = count[0].log().masked_fill(offset < 0, -math.inf).masked_fill(index >= slots, 0)
         return key, value, pos, bias
 
 
@@ -262,21 +247,22 @@ def by_pool(caches: Sequence[LayerCache]) -> list[list[int]]:
     return list(groups.values())
 
 
-def read_slots(caches: Sequence[LayerCache], name: str, slots: torch.Tensor) -> torch.Tensor:
-    """Buffer `name` ("key", "value", "pos", "frame", ...) of each cache at its slots: slots (B, m) -> (B, m, ...),
-    one indexed read per buffer the caches are rows of, in the caches' order."""
+def read_slots(caches: Sequence[LayerCache], slots: torch.Tensor, *names: str) -> list[torch.Tensor]:
+    """Buffers `names` ("key", "value", "pos", "count", "frame") of each cache at its slots: slots (B, m) -> one
+    (B, m, ...) tensor per name, one indexed read per name and buffer the caches are rows of, in the caches' order."""
     device = slots.device
     groups = by_pool(caches)
     parts = []
     for group in groups:
         rows = torch.tensor([caches[b].row for b in group], device=device)[:, None]
         taken = slots if len(groups) == 1 else slots[torch.tensor(group, device=device)]
-        parts.append(getattr(caches[group[0]].pool, name)[rows, taken])
+        pool = caches[group[0]].pool
+        parts.append([getattr(pool, name)[rows, taken] for name in names])
     if len(parts) == 1:
         return parts[0]
-    order = [b for group in groups for b in group]
+    order = [b for group in groups for b in group]  # the worlds as the parts hold them
     back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
-    return torch.cat(parts).index_select(0, back)
+    return [torch.cat(tensors).index_select(0, back) for tensors in zip(*parts)]
 
 
 def by_buffer(

@@ -86,7 +86,7 @@ class TempCachePolicy(CachePolicy):
                     frames = [t[worlds, tokens] for t in (key, value, pos)]
                 else:  # read before this frame's writes overwrite the ring block
                     slots = torch.tensor(leaving, device=key.device)[:, None] + torch.arange(n, device=key.device)
-                    frames = [read_slots(merged, name, slots) for name in ("key", "value", "pos")]
+                    frames = read_slots(merged, slots, "key", "value", "pos")
                 self._merge_frames(merged, *frames)
             for group in by_pool([caches[b] for b, _ in writes]):
                 blocks = [writes[j] for j in group]
@@ -108,7 +108,7 @@ class TempCachePolicy(CachePolicy):
         if matching:
             worlds = torch.tensor(matching, device=device)
             previous = torch.stack([caches[b].recent for b in matching])  # (B', n) slots of the previous frames
-            candidates = read_slots([caches[b] for b in matching], "key", previous)  # (B', n, h, d)
+            [candidates] = read_slots([caches[b] for b in matching], previous, "key")  # (B', n, h, d)
             merged[worlds], target[worlds] = self._match(key[worlds], candidates, previous, caches[0].capacity)
         # one transfer of the decisions for the whole batch (a host sync on a GPU); the writes are indexed from it
         merged_host = merged.cpu()
@@ -146,7 +146,8 @@ class TempCachePolicy(CachePolicy):
         lengths = torch.tensor([cache.length for cache in caches], device=device)
         every = torch.arange(C, device=device)
         # (B, C + 1): the frame of each slot's newest member, and a column that the unmerged tokens mark below
-        age = torch.cat((read_slots(caches, "frame", every.expand(B, C)), lengths.new_zeros(B, 1)), dim=1)
+        [frames] = read_slots(caches, every.expand(B, C), "frame")
+        age = torch.cat((frames, lengths.new_zeros(B, 1)), dim=1)
         age[:, :C][every >= lengths[:, None]] = -1  # unused: first, in slot order
         age[:, : self.fixed_slots] = never  # sinks and exact frames are never evicted
         age.scatter_(1, torch.where(merged, target, C), never)  # nor the slots this frame merged into
