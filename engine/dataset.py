@@ -413,18 +413,18 @@ def start_recording_worker() -> None:
 
 
 @contextmanager
-def workers_start_deaf_to_ctrl_c() -> Iterator[None]:
-    """SIGINT ignored while worker processes start in the block (in the main thread; elsewhere a no-op): a spawned
-    worker keeps an ignored signal through exec, so a Ctrl-C while it is still importing, before
-    `start_recording_worker` runs, does not print its traceback among the parent's last line."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def workers_start_deaf_to_stops() -> Iterator[None]:
+    """SIGINT and SIGTERM held back from the calling thread in the block: a worker process spawned there inherits
+    them blocked through fork and exec, so a stop sent to the process group while it is still importing (before
+    `start_recording_worker` ignores them) neither prints its traceback among the parent's last lines nor kills it
+    under the pool. A stop that reaches the caller in the block is held, not lost: it is delivered when the block
+    ends (ignoring the signals instead, as this once did, dropped a Ctrl-C that arrived during a submission)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held stop is handled here
 
 
 def _exit_after(sentinel: int) -> None:
@@ -546,7 +546,7 @@ def write_dataset(
         others = set(multiprocessing.active_children())  # the caller's own child processes, if it has any
         pool = ProcessPoolExecutor(min(workers, len(jobs_left)), mp_context=context, initializer=start_recording_worker)
         try:
-            with workers_start_deaf_to_ctrl_c():  # the pool starts its workers as jobs are submitted
+            with workers_start_deaf_to_stops():  # the pool starts its workers as jobs are submitted
                 futures = {pool.submit(_write_shard, job): job.path for job in jobs_left}
             for future in as_completed(futures):
                 shards[futures[future]] = future.result()

@@ -88,7 +88,7 @@ from engine.dataset import (
     record,
     start_recording_worker,
     train_spec,
-    workers_start_deaf_to_ctrl_c,
+    workers_start_deaf_to_stops,
 )
 from engine.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
 from engine.model import WorldModel
@@ -279,7 +279,7 @@ class EpisodePool:
     def _request(self, indices: range) -> None:
         if self._executor is None:
             return
-        with workers_start_deaf_to_ctrl_c():  # the executor starts its workers as jobs are submitted
+        with workers_start_deaf_to_stops():  # the executor starts its workers as jobs are submitted
             for index in indices:
                 if index not in self._ahead:
                     self._ahead[index] = self._executor.submit(record, *self._recording(index))

@@ -36,7 +36,7 @@ from engine.dataset import (
     replay,
     shard_bytes,
     train_spec,
-    workers_start_deaf_to_ctrl_c,
+    workers_start_deaf_to_stops,
     write_dataset,
 )
 from engine.game import Game, HumanPolicy, theme_for_prompt
@@ -362,24 +362,43 @@ def test_data_command_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys:
     assert capsys.readouterr().err == "worldserve data: error: train_episodes must be >= 0, got -1\n"
 
 
-def _report_sigint(queue, label: str) -> None:
-    queue.put((label, str(signal.getsignal(signal.SIGINT))))
+STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
-def test_workers_started_in_the_block_begin_with_ctrl_c_ignored() -> None:
-    """A worker spawned inside `workers_start_deaf_to_ctrl_c` starts its interpreter with SIGINT ignored (kept
-    through exec), before any initializer of its pool runs; one spawned outside gets Python's usual handler, and
-    the parent's handler is back after the block."""
+def _report_blocked_stops(queue, label: str) -> None:
+    queue.put((label, STOPS & signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+def test_workers_started_in_the_block_begin_with_the_stops_blocked() -> None:
+    """A worker spawned inside `workers_start_deaf_to_stops` starts its interpreter with SIGINT and SIGTERM blocked
+    (kept through fork and exec), before any initializer of its pool runs; one spawned outside does not, and the
+    parent's mask is back after the block."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    before = signal.getsignal(signal.SIGINT)
-    with workers_start_deaf_to_ctrl_c():
-        inside = context.Process(target=_report_sigint, args=(queue, "inside"))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with workers_start_deaf_to_stops():
+        inside = context.Process(target=_report_blocked_stops, args=(queue, "inside"))
         inside.start()
-    assert signal.getsignal(signal.SIGINT) is before
-    outside = context.Process(target=_report_sigint, args=(queue, "outside"))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    outside = context.Process(target=_report_blocked_stops, args=(queue, "outside"))
     outside.start()
     reports = dict(queue.get(timeout=60) for _ in range(2))
     for process in (inside, outside):
         process.join(60)
-    assert reports == {"inside": str(signal.SIG_IGN), "outside": str(signal.default_int_handler)}
+    assert reports == {"inside": STOPS, "outside": set()}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=lambda stop: stop.name)
+def test_a_stop_that_arrives_in_the_block_is_handled_when_it_ends(stop: signal.Signals) -> None:
+    """A Ctrl-C or SIGTERM that reaches the parent while it submits to its workers is held, then handled as the
+    block ends: never dropped (training would otherwise go on past a Ctrl-C)."""
+    received = []
+    previous = signal.signal(stop, lambda number, _: received.append(number))
+    try:
+        with workers_start_deaf_to_stops():
+            os.kill(os.getpid(), stop)
+            held = list(received)
+        assert received == [stop]
+    finally:
+        signal.signal(stop, previous)
+    assert held in ([], [stop])  # another thread of the process may take it in the block; it is never lost
