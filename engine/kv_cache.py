@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.transfer import to_device
+
 
 @dataclass
 class KVView:
@@ -129,7 +131,7 @@ class PooledViews:
         hold the row's first slot: finite), bias (B, slots + room) float32, -inf on the padding, log m on the slots
         and 0 on the room, or None where nothing is padded or merged."""
         device = self.caches[0].key.device
-        lengths = torch.tensor(self.lengths, device=device)
+        lengths = to_device(self.lengths, device)
         index = torch.arange(slots + room, device=device)
         offset = index - (slots - lengths[:, None])  # (B, slots + room): the slot each row holds; < 0 on padding
         source = torch.where((offset >= 0) & (index < slots), offset, 0)
@@ -254,14 +256,14 @@ def read_slots(caches: Sequence[LayerCache], slots: torch.Tensor, *names: str) -
     groups = by_pool(caches)
     parts = []
     for group in groups:
-        rows = torch.tensor([caches[b].row for b in group], device=device)[:, None]
-        taken = slots if len(groups) == 1 else slots[torch.tensor(group, device=device)]
+        rows = to_device([caches[b].row for b in group], device)[:, None]
+        taken = slots if len(groups) == 1 else slots[to_device(group, device)]
         pool = caches[group[0]].pool
         parts.append([getattr(pool, name)[rows, taken] for name in names])
     if len(parts) == 1:
         return parts[0]
     order = [b for group in groups for b in group]  # the worlds as the parts hold them
-    back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
+    back = to_device(sorted(range(len(order)), key=order.__getitem__), device)
     return [torch.cat(tensors).index_select(0, back) for tensors in zip(*parts)]
 
 
@@ -275,12 +277,12 @@ def by_buffer(
     rows = torch.tensor([cache.row for cache in caches])
     groups = by_pool(caches)
     if len(groups) == 1:
-        return [(caches[0].pool, rows[worlds].to(device), None)]
+        return [(caches[0].pool, to_device(rows[worlds], device), None)]
     out = []
     for group in groups:
         picked = torch.isin(worlds, torch.tensor(group)).nonzero().squeeze(1)
         if len(picked):
-            out.append((caches[group[0]].pool, rows[worlds[picked]].to(device), picked.to(device)))
+            out.append((caches[group[0]].pool, to_device(rows[worlds[picked]], device), to_device(picked, device)))
     return out
 
 
@@ -291,8 +293,8 @@ def write_blocks(
     of caches[b], for caches that are rows of one pool: one indexed write per buffer for them all."""
     n, device = key.shape[1], key.device
     assert max(starts) + n <= caches[0].capacity, f"write past capacity ({max(starts) + n} > {caches[0].capacity})"
-    rows = torch.tensor([cache.row for cache in caches], device=device).repeat_interleave(n)
-    slots = (torch.tensor(list(starts), device=device)[:, None] + torch.arange(n, device=device)).flatten()
+    rows = to_device([cache.row for cache in caches], device).repeat_interleave(n)
+    slots = (to_device(list(starts), device)[:, None] + torch.arange(n, device=device)).flatten()
     caches[0].pool.write_at(rows, slots, key.flatten(0, 1), value.flatten(0, 1), pos.flatten(0, 1))
     for cache, start in zip(caches, starts):
         cache.length = max(cache.length, start + n)

@@ -19,6 +19,7 @@ import torch
 
 from engine.config import CacheConfig, Sizes
 from engine.kv_cache import KVView, LayerCache, PooledViews, by_pool, write_blocks
+from engine.transfer import to_device
 
 
 class CachePolicy:
@@ -102,7 +103,7 @@ class WindowPolicy(CachePolicy):
         n = self.sizes.tokens_per_frame
         sinks, window = self.config.sink_frames, self.config.window_frames
         for worlds in by_pool(caches):
-            index = torch.tensor(worlds, device=key.device)
+            index = to_device(worlds, key.device)
             for i in range(key.shape[1] // n):
                 frames = [first_frames[b] + i for b in worlds]
                 blocks = [f if f < sinks else sinks + (f - sinks) % window for f in frames]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import PromptConfig
+from engine.transfer import to_device
 
 PAD_ID = 0
 EMPTY_ID = 1  # the single token of an empty prompt, so cross-attention always has a key to attend to
@@ -60,5 +61,5 @@ class HashedWordPromptEncoder(nn.Module):
         ids = [tokenize(text, self.config) for text in texts]
         length = max(len(row) for row in ids)
         device = self.embedding.weight.device
-        padded = torch.tensor([row + [PAD_ID] * (length - len(row)) for row in ids], device=device)  # (B, L)
+        padded = to_device([row + [PAD_ID] * (length - len(row)) for row in ids], device)  # (B, L)
         return PromptTokens(self.embedding(padded), padded != PAD_ID)

@@ -33,6 +33,7 @@ from engine.ann import AnnBackend
 from engine.config import CacheConfig, Sizes
 from engine.kv_cache import LayerCache, by_buffer, by_pool, read_slots, write_blocks
 from engine.policies import CachePolicy
+from engine.transfer import to_device
 
 
 class TempCachePolicy(CachePolicy):
@@ -81,16 +82,16 @@ class TempCachePolicy(CachePolicy):
                         leaving.append(start)
                     writes.append((b, start))
             if merging:
-                worlds, merged = torch.tensor(merging, device=key.device), [caches[b] for b in merging]
+                worlds, merged = to_device(merging, key.device), [caches[b] for b in merging]
                 if self.exact == 0:
                     frames = [t[worlds, tokens] for t in (key, value, pos)]
                 else:  # read before this frame's writes overwrite the ring block
-                    slots = torch.tensor(leaving, device=key.device)[:, None] + torch.arange(n, device=key.device)
+                    slots = to_device(leaving, key.device)[:, None] + torch.arange(n, device=key.device)
                     frames = read_slots(merged, slots, "key", "value", "pos")
                 self._merge_frames(merged, *frames)
             for group in by_pool([caches[b] for b, _ in writes]):
                 blocks = [writes[j] for j in group]
-                index = torch.tensor([b for b, _ in blocks], device=key.device)
+                index = to_device([b for b, _ in blocks], key.device)
                 fresh = (t[index, tokens] for t in (key, value, pos))
                 write_blocks([caches[b] for b, _ in blocks], [start for _, start in blocks], *fresh)
 
@@ -106,7 +107,7 @@ class TempCachePolicy(CachePolicy):
         target = torch.zeros(B, n, dtype=torch.long, device=device)
         matching = [b for b, cache in enumerate(caches) if cache.recent is not None]  # none right after the sinks
         if matching:
-            worlds = torch.tensor(matching, device=device)
+            worlds = to_device(matching, device)
             previous = torch.stack([caches[b].recent for b in matching])  # (B', n) slots of the previous frames
             [candidates] = read_slots([caches[b] for b in matching], previous, "key")  # (B', n, h, d)
             merged[worlds], target[worlds] = self._match(key[worlds], candidates, previous, caches[0].capacity)
@@ -116,13 +117,13 @@ class TempCachePolicy(CachePolicy):
         fresh = (~merged_host).nonzero()  # the others, world-major, tokens in order
         merges = torch.bincount(into[:, 0], minlength=B).tolist()
         if len(into):
-            b, t = into.to(device).unbind(1)
+            b, t = to_device(into, device).unbind(1)
             for pool, rows, picked in by_buffer(caches, into[:, 0]):
                 w, k = (b, t) if picked is None else (b[picked], t[picked])
                 pool.merge(rows, target[w, k], key[w, k], value[w, k], pos[w, k])
         slot_of = torch.where(merged, target, -1)  # (B, n) the slot each token ends up in
         if len(fresh):
-            b, t = fresh.to(device).unbind(1)
+            b, t = to_device(fresh, device).unbind(1)
             slots = self._allocate(caches, n - merged_host.sum(1), merged, target)
             for pool, rows, picked in by_buffer(caches, fresh[:, 0]):
                 w, k, s = (b, t, slots) if picked is None else (b[picked], t[picked], slots[picked])
@@ -143,7 +144,7 @@ class TempCachePolicy(CachePolicy):
         device = merged.device
         B, C = merged.shape[0], caches[0].capacity
         never = torch.iinfo(torch.int64).max
-        lengths = torch.tensor([cache.length for cache in caches], device=device)
+        lengths = to_device([cache.length for cache in caches], device)
         every = torch.arange(C, device=device)
         # (B, C + 1): the frame of each slot's newest member, and a column that the unmerged tokens mark below
         [frames] = read_slots(caches, every.expand(B, C), "frame")
@@ -163,7 +164,7 @@ class TempCachePolicy(CachePolicy):
             cache.length += free
             cache.evictions += need
             take.extend(range(b * C, b * C + count))  # the world's first `count` slots in that order
-        return order.flatten()[torch.tensor(take, device=device)]
+        return order.flatten()[to_device(take, device)]
 
     def _match(
         self, key: torch.Tensor, candidates: torch.Tensor, previous: torch.Tensor, capacity: int

@@ -40,6 +40,7 @@ from engine.policies import make_policy
 from engine.prompt import PromptTokens
 from engine.sampler import FlowSampler
 from engine.sparse_attention import SparseAttention
+from engine.transfer import to_device
 from engine.world import PendingCommit, World
 
 ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
@@ -189,7 +190,7 @@ class WorldEngine:
         expected = (len(worlds), self.chunk_frames, self.action_space.dim)
         if tuple(actions.shape) != expected:
             raise ValueError(f"step_latents needs encoded actions of shape {expected}, got {tuple(actions.shape)}")
-        chunk = self._denoise(worlds, actions.to(self.device, self.dtype))
+        chunk = self._denoise(worlds, to_device(actions, self.device, self.dtype))
         history = self._history(chunk.clean)
         self._advance(worlds, chunk, history)
         return history
@@ -254,9 +255,9 @@ class WorldEngine:
             for world, first in zip(worlds, first_frames):
                 world.frame_index = int(first)
         if previous is not None:
-            for world, latest in zip(worlds, previous.to(self.device, self.dtype)):
+            for world, latest in zip(worlds, to_device(previous, self.device, self.dtype)):
                 world.last_latent = latest
-        latents, actions = latents.to(self.device, self.dtype), actions.to(self.device, self.dtype)
+        latents, actions = to_device(latents, self.device, self.dtype), to_device(actions, self.device, self.dtype)
         for start in range(0, latents.shape[1], T):
             for b, world in enumerate(worlds):
                 world.pending = self._pending(world, latents[b, start : start + T], actions[b, start : start + T], {})
@@ -289,7 +290,7 @@ class WorldEngine:
         # 1. conditioning: actions (B, T, A), prompts, positions of the chunk's tokens
         prompt = PromptTokens.stack([w.prompt_tokens for w in worlds])
         first_frames = [w.frame_index for w in worlds]
-        pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), T)  # (B, N, 3)
+        pos = self.model.dit.positions(to_device(first_frames, self.device), T)  # (B, N, 3)
         # 2. noise from each world's own generator, so a world's frames do not depend on its batch mates
         noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
         previous = self._previous(worlds)
@@ -390,7 +391,7 @@ class WorldEngine:
             encoded, unknown = self.action_space.encode(per_frame)
             world.stats.unknown_keys += unknown
             rows.append(encoded)
-        return torch.stack(rows).to(self.device, self.dtype)  # (B, T, A)
+        return to_device(torch.stack(rows), self.device, self.dtype)  # (B, T, A)
 
     def _noise(self, world: World) -> torch.Tensor:
         shape = (self.chunk_frames, *self.sizes.latent_shape)
@@ -432,7 +433,7 @@ class WorldEngine:
         pending = [w.pending for w in worlds]
         assert all(p is not None for p in pending), "every world of a commit pass has a pending chunk"
         first_frames = [p.first_frame for p in pending]
-        pos = self.model.dit.positions(torch.tensor(first_frames, device=self.device), self.chunk_frames)
+        pos = self.model.dit.positions(to_device(first_frames, self.device), self.chunk_frames)
         shared = StepSlots.of_worlds([p.slots for p in pending])
         for p in pending:
             p.slots = {}  # the commit pass frees them layer by layer as it writes
