@@ -57,16 +57,26 @@ class AnnSAPlanner:
         self.hasher = LshHasher(head_dim, config.lsh_bits, config.lsh_seed)
         self.centre = centre  # off only to measure what centring buys
 
-    def sort_keys(self, rest: torch.Tensor, fixed: int) -> SortedKeys:
-        """rest (h, R, d): rotated keys after a prefix of `fixed` always-visible keys."""
+    def sort_keys(self, rest: torch.Tensor, fixed: int, valid: torch.Tensor | None = None) -> SortedKeys:
+        """rest (H, R, d): rotated keys after a prefix of `fixed` always-visible keys; valid (H, R) bool or None:
+        which are keys at all (the rest is padding: it sorts last and holds no bucket, so no block is selected for
+        it, and the keys' centre is the mean of the valid ones)."""
         if self.centre:
-            rest = rest - rest.mean(dim=1, keepdim=True)
-        ids, order = torch.sort(self.hasher.bucket(rest), dim=1, stable=True)  # (h, R) each
+            if valid is None:
+                rest = rest - rest.mean(dim=1, keepdim=True)
+            else:
+                weight = valid[..., None].to(rest.dtype)
+                rest = rest - (rest * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+        buckets = self.hasher.bucket(rest)
+        if valid is not None:
+            buckets = torch.where(valid, buckets, self.hasher.buckets)  # one past the last bucket: dropped below
+        ids, order = torch.sort(buckets, dim=1, stable=True)  # (H, R) each
         return SortedKeys(order, _block_buckets(ids[..., None], self.block_k, self.hasher.buckets, fixed), fixed)
 
     def layout(self, q: torch.Tensor, keys: SortedKeys) -> tuple[torch.Tensor, BlockSparseLayout]:
-        """q (P h, N, d) rotated, the queries of P passes over the same keys (h heads each, pass-major) -> the
-        query order (P h, N) and the layout (P h rows) over sorted queries and sorted keys."""
+        """q (P H, N, d) rotated, the queries of P passes over the same keys (H rows each, pass-major: the heads
+        of one world, or of several side by side) -> the query order (P H, N) and the layout (P H rows) over sorted
+        queries and sorted keys."""
         heads = keys.blocks.shape[0]
         if self.centre:
             q = q - q.mean(dim=1, keepdim=True)

@@ -10,8 +10,10 @@ computes it. Two contexts:
   says so for this layer and step); in a commit pass the policy then stores the chunk's keys/values.
   Worlds hold different cache lengths. Dense attention runs for all of them in **one call per pass**, each world's
   slots left-padded to the longest (`StackedSlots`; the padding masked out), as long as the padding adds at most
-  `MAX_PADDING` of the slots attended; worlds further apart in length, and AnnSA, attend **per world over its own
-  slots**. Projections and feed-forward layers around attention always run batched over all worlds.
+  `MAX_PADDING` of the slots attended; worlds further apart in length attend **per world over its own slots**.
+  AnnSA runs **one call per group of worlds with as many slots each**, every pass at once: their slots laid out
+  side by side as the heads of one block-sparse layout (a bounded policy's full caches: the whole batch).
+  Projections and feed-forward layers around attention always run batched over all worlds.
 
 Both rotate queries and keys (3D RoPE) here, at attention time, so caches hold pre-rotary keys; within one engine
 step the rotated cache slots are computed once and shared by its passes (`StepSlots`). The softmax itself
@@ -36,6 +38,7 @@ from engine.kv_cache import KVView, WorldCache
 from engine.policies import CachePolicy
 from engine.rope import Rope3D
 from engine.sparse_attention import SortedSlots, SparseAttention
+from engine.transfer import to_device
 
 # Dense attention of a batch's worlds runs in one padded call while padding adds at most this share to the keys
 # attended (worlds at different frame counts under `dense`, or whose TempCaches merged differently), by device
@@ -150,6 +153,7 @@ class RotatedSlots:
     sinks: int
     slots: int  # S
     sorted: SortedSlots | None = None
+    sorted_row: int = 0  # this world's place among the worlds `sorted` lays out side by side
     stack: StackedSlots | None = None
     row: int = 0
 
@@ -255,8 +259,22 @@ class CachedAttention:
         rotated = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.row_turns)
         q_rot, k_rot = rotated.chunk(2, dim=2)
         passes, out = q.shape[0] // worlds, torch.empty_like(q)  # out (P B, N, h, d)
-        stack = None if sparse is not None else self._stack(layer, n)
-        if stack is not None:
+        stack = self._stack(layer, n)
+        if sparse is not None:
+            by_pass = [t.view(passes, worlds, *t.shape[1:]) for t in (q_rot, k_rot, v, out)]  # (P, B, N, h, d)
+            for group, sorted_slots in self._sorted_groups(sparse, layer, n, passes, stack):
+                # every pass of the group's worlds in one call: one layout and one kernel launch
+                if len(group) == worlds:
+                    q_g, k_g, v_g = by_pass[:3]
+                else:
+                    index = to_device(group, q.device)
+                    q_g, k_g, v_g = (t.index_select(1, index) for t in by_pass[:3])
+                attended = sparse.self_attention(layer, q_g, k_g, v_g, sorted_slots)
+                if len(group) == worlds:
+                    by_pass[3].copy_(attended)
+                else:
+                    by_pass[3].index_copy_(1, index, attended)
+        elif stack is not None:
             for first in range(0, q.shape[0], worlds):  # pass by pass: rows p B .. p B + B - 1
                 rows = slice(first, first + worlds)
                 stack.key[:, stack.slots :], stack.value[:, stack.slots :] = k_rot[rows], v[rows]
@@ -264,27 +282,64 @@ class CachedAttention:
         else:
             for b in range(worlds):
                 slots = self._slots(b, layer, n)
-                rows = slice(b, None, worlds)  # world b's rows, one per pass
-                if sparse is None:
-                    for row in range(b, q.shape[0], worlds):
-                        # the chunk's rows of the shared buffer are rewritten by each pass before it attends
-                        slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
-                        out[row] = attend(q_rot[row], slots.key, slots.value, slots.bias)
-                else:
-                    if slots.sorted is None or slots.sorted.passes < passes:
-                        s = slots.slots
-                        bias = None if slots.bias is None else slots.bias[:s]
-                        slots.sorted = sparse.sort_slots(
-                            slots.key[:s], slots.value[:s], bias, slots.sinks, current=n, passes=passes
-                        )
-                    # every pass of the world in one call: one layout and one kernel launch instead of P
-                    out[rows] = sparse.self_attention(layer, q_rot[rows], k_rot[rows], v[rows], slots.sorted)
+                for row in range(b, q.shape[0], worlds):
+                    # the chunk's rows of the shared buffer are rewritten by each pass before it attends
+                    slots.key[slots.slots :], slots.value[slots.slots :] = k_rot[row], v[row]
+                    out[row] = attend(q_rot[row], slots.key, slots.value, slots.bias)
         if self.write:  # each world's cache changes only after every world has attended to it
             caches = [cache.layers[layer] for cache in self.caches]
             self.policy.commit_worlds(caches, k, v, self.pos, self.first_frames)
             for b in range(worlds):
                 self.shared.drop(b, layer)  # stale now that the cache has changed; freed layer by layer
         return out
+
+    def _sorted_groups(
+        self, sparse: SparseAttention, layer: int, n: int, passes: int, stack: StackedSlots | None
+    ) -> list[tuple[list[int], SortedSlots]]:
+        """The batch's worlds in groups, each group's slots laid out side by side for AnnSA once per step and layer
+        (`SparseAttention.sort_slots`, shorter worlds padded): every world with as many sinks in one group where the
+        batch attends together (`stack`; a world's sinks differ only in its first frame), else each world alone.
+        The layout a group's denoising made is what its commit pass reads, where the same worlds commit together."""
+        every = [self._slots(b, layer, n) for b in range(len(self.caches))]
+        by_sinks: dict[int, list[int]] = {}
+        for b, slots in enumerate(every):
+            by_sinks.setdefault(slots.sinks, []).append(b)
+        groups = list(by_sinks.values()) if stack is not None else [[b] for b in range(len(every))]
+        out = []
+        for group in groups:
+            members = [every[b] for b in group]
+            laid = members[0].sorted
+            if laid is None or laid.worlds != len(group) or laid.passes < passes:
+                laid = None
+            elif any(m.sorted is not laid or m.sorted_row != i for i, m in enumerate(members)):
+                laid = None
+            if laid is None:
+                laid = self._sort(sparse, members, stack, n, passes)
+                for i, m in enumerate(members):
+                    m.sorted, m.sorted_row = laid, i
+            out.append((group, laid))
+        return out
+
+    @staticmethod
+    def _sort(
+        sparse: SparseAttention, members: list[RotatedSlots], stack: StackedSlots | None, n: int, passes: int
+    ) -> SortedSlots:
+        """`members`' slots as `sort_slots` takes them: (G, S, h, d), S the longest, each world's from its first
+        slot (its first sink) on; several worlds are read from their rows of `stack` in one indexed read."""
+        lengths = [m.slots for m in members]
+        s, sinks = max(lengths), members[0].sinks
+        if len(members) == 1:
+            m = members[0]
+            bias = None if m.bias is None else m.bias[None, :s]
+            return sparse.sort_slots(m.key[None, :s], m.value[None, :s], bias, sinks, current=n, passes=passes)
+        assert stack is not None and all(m.stack is stack for m in members)
+        device = stack.key.device
+        rows = to_device([m.row for m in members], device)[:, None]
+        starts = to_device([stack.slots - m.slots for m in members], device)[:, None]  # left-padded in the stack
+        index = (starts + torch.arange(s, device=device)).clamp(max=max(stack.slots - 1, 0))  # (G, S)
+        key, value = stack.key[rows, index], stack.value[rows, index]
+        bias = None if stack.bias is None else stack.bias[rows, index]
+        return sparse.sort_slots(key, value, bias, sinks, current=n, passes=passes, lengths=lengths)
 
     def _stack(self, layer: int, n: int) -> StackedSlots | None:
         """The slots of every world of the batch for dense attention in one call per pass (`StackedSlots`), built

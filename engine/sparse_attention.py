@@ -24,20 +24,22 @@ from engine.annsa import AnnSAPlanner, SortedKeys
 from engine.config import AttentionConfig
 from engine.kernels.block_sparse import BlockSparseLayout, block_sparse_attention_torch
 from engine.meter import AttentionMeter
+from engine.transfer import to_device
 
 
 @dataclass
 class SortedSlots:
-    """One world's keys of one layer in AnnSA's order, laid out once per engine step for up to `passes` passes:
-    rotated key and value (P, h, S, d) and bias (P, h, S) float32 in the order [sinks | current chunk | cache
-    slots sorted by bucket], and the sorted keys' bucket membership. Each pass has its own copy because the
-    current chunk's rows differ between passes; every forward rewrites them."""
+    """G worlds' keys of one layer in AnnSA's order, laid out once per engine step for up to `passes` passes:
+    rotated key and value (P, G h, S, d) and bias (P, G h, S) float32, world-major then head, in the order
+    [sinks | current chunk | cache slots sorted by bucket], and the sorted keys' bucket membership. Each pass has
+    its own copy because the current chunk's rows differ between passes; every forward rewrites them."""
 
     keys: SortedKeys
     key: torch.Tensor
     value: torch.Tensor
     bias: torch.Tensor
     sinks: int
+    worlds: int
 
     @property
     def passes(self) -> int:
@@ -88,57 +90,72 @@ class SparseAttention:
         sinks: int,
         current: int,
         passes: int = 1,
+        lengths: list[int] | None = None,
     ) -> SortedSlots:
-        """Lay out one world's cache slots of one layer for AnnSA, once per engine step: rotated key, value (S, h, d)
-        and bias (S,) or None of the slots, the first `sinks` being sinks; `current` rows are left for the chunk
-        being generated, which every pass writes in (`self_attention`), with one copy for each of `passes`."""
+        """Lay out the cache slots of one layer of G worlds for AnnSA, once per engine step: rotated key, value
+        (G, S, h, d) and bias (G, S) or None, world w's slots in its first `lengths[w]` rows (None: all S), its first
+        `sinks` being sinks; `current` rows are left for the chunk being generated, which every pass writes in
+        (`self_attention`), with one copy for each of `passes`. The worlds are laid out side by side, as G h heads
+        of one layout; a shorter world's padding sorts last, holds no bucket and has bias -inf, so no query sees it
+        and each world's layout is the one it has alone."""
         assert self.annsa is not None
-        s, h, d = key.shape
+        g, s, h, d = key.shape
         fixed = sinks + current
-        keys = self.annsa.sort_keys(key[sinks:].transpose(0, 1), fixed)
-        # per head, the slot behind every row of the layout: sinks, then `current` rows standing for the chunk
-        # (slot s: the zero bias appended below; key and value rows are rewritten by every pass before it attends),
-        # then the sorted slots
-        sink_slots = torch.arange(sinks, device=key.device).expand(h, -1)
-        chunk_rows = torch.full((h, current), s, device=key.device)
-        slot = torch.cat((sink_slots, chunk_rows, keys.order + sinks), dim=1).repeat(passes, 1)  # (P h, S + current)
-        heads = torch.arange(h, device=key.device).repeat(passes)[:, None]
-        # token i of head j is row i * h + j of the (tokens * h, d) view: one index_select per tensor, no gather
-        rows = (slot.clamp(max=s - 1) * h + heads).flatten()
-        bias = bias.float() if bias is not None else key.new_zeros(s, dtype=torch.float32)
-        laid = (passes, h, fixed + s - sinks)
+        valid = None  # (G, S): which rows hold a slot, where some world is shorter than S
+        if lengths is not None and min(lengths) < s:
+            valid = torch.arange(s, device=key.device) < to_device(lengths, key.device)[:, None]
+            bias = torch.where(valid, 0.0 if bias is None else bias.float(), -math.inf)
+        rest = key[:, sinks:].transpose(1, 2).flatten(0, 1)  # (G h, R, d)
+        keys = self.annsa.sort_keys(rest, fixed, None if valid is None else valid[:, sinks:].repeat_interleave(h, 0))
+        # per world and head, the slot behind every row of the layout: sinks, then `current` rows standing for the
+        # chunk (slot s: the zero bias appended below; key and value rows are rewritten by every pass before it
+        # attends), then the sorted slots
+        device = key.device
+        sink_slots = torch.arange(sinks, device=device).expand(g * h, -1)
+        chunk_rows = torch.full((g * h, current), s, device=device)
+        slot = torch.cat((sink_slots, chunk_rows, keys.order + sinks), dim=1)  # (G h, S + current)
+        world = torch.arange(g, device=device).repeat_interleave(h)[:, None]  # (G h, 1)
+        head = torch.arange(h, device=device).repeat(g)[:, None]
+        # token i of head j of world w is row (w s + i) h + j of the (G s h, d) view: one index_select per tensor
+        rows = ((world * s + slot.clamp(max=s - 1)) * h + head).repeat(passes, 1).flatten()
+        bias = bias.float() if bias is not None else key.new_zeros(g, s, dtype=torch.float32)
+        laid = (passes, g * h, fixed + s - sinks)
 
-        def picked(source: torch.Tensor) -> torch.Tensor:  # (s, h, d) -> (P, h, S + current, d)
+        def picked(source: torch.Tensor) -> torch.Tensor:  # (G, s, h, d) -> (P, G h, S + current, d)
             if s == 0:  # nothing cached yet: only the chunk's rows
                 return source.new_zeros(*laid, d)
-            return source.reshape(s * h, d).index_select(0, rows).view(*laid, d)
+            return source.reshape(g * s * h, d).index_select(0, rows).view(*laid, d)
 
-        bias = F.pad(bias, (0, 1)).index_select(0, slot.flatten()).view(laid)
-        return SortedSlots(keys, picked(key), picked(value), bias, sinks)
+        biased = (world * (s + 1) + slot).repeat(passes, 1).flatten()  # into the (G (s + 1),) padded bias
+        bias = F.pad(bias, (0, 1)).flatten().index_select(0, biased).view(laid)
+        return SortedSlots(keys, picked(key), picked(value), bias, sinks, g)
 
     def self_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: SortedSlots
     ) -> torch.Tensor:
-        """One world, P passes at once (P at most `slots.passes`): rotated q, k and v (P, N, h, d) of each pass's
-        current chunk over itself and the sorted cache slots -> (P, N, h, d). Each pass's chunk keys and values are
-        written into its copy of the slots' reserved rows (bias 0: m = 1)."""
-        assert self.annsa is not None and k.shape[1] == slots.keys.fixed - slots.sinks and len(q) <= slots.passes
-        p, n, h, d = q.shape
+        """G worlds, P passes at once (P at most `slots.passes`): rotated q, k and v (P, G, N, h, d) of each pass's
+        current chunk over itself and each world's sorted cache slots -> (P, G, N, h, d), in one layout and one
+        kernel call. Each pass's chunk keys and values are written into its copy of the slots' reserved rows (bias
+        0: m = 1)."""
+        assert self.annsa is not None and k.shape[2] == slots.keys.fixed - slots.sinks and len(q) <= slots.passes
+        p, g, n, h, d = q.shape
+        assert g == slots.worlds
         current = slice(slots.sinks, slots.keys.fixed)
-        slots.key[:p, :, current] = k.transpose(1, 2)
-        slots.value[:p, :, current] = v.transpose(1, 2)
-        key, value, bias = (t[:p].flatten(0, 1) for t in (slots.key, slots.value, slots.bias))  # (P h, S, ...)
-        q_heads = q.transpose(1, 2).reshape(p * h, n, d)  # rows P h, pass-major
+        slots.key[:p, :, current] = k.transpose(2, 3).flatten(1, 2)  # (P, G h, N, d)
+        slots.value[:p, :, current] = v.transpose(2, 3).flatten(1, 2)
+        key, value, bias = (t[:p].flatten(0, 1) for t in (slots.key, slots.value, slots.bias))  # (P G h, S, ...)
+        q_heads = q.transpose(2, 3).reshape(p * g * h, n, d)  # rows P G h: pass, then world, then head
         q_order, layout = self.annsa.layout(q_heads, slots.keys)
-        rows = q_order[..., None].expand(-1, -1, d)  # (P h, N, d): sorted row r of a head is its query q_order[r]
+        rows = q_order[..., None].expand(-1, -1, d)  # (P G h, N, d): sorted row r of a head is its query q_order[r]
         q_sorted = q_heads.gather(1, rows)
         out_sorted = self.kernel(q_sorted, key, value, bias, layout)
-        out = torch.empty_like(q_heads).scatter_(1, rows, out_sorted)  # back in query order, (P h, N, d)
+        out = torch.empty_like(q_heads).scatter_(1, rows, out_sorted)  # back in query order, (P G h, N, d)
         if self.meter is not None:
             logits = q_sorted.float() @ key.float().transpose(1, 2) / math.sqrt(d)
             probabilities = torch.softmax(logits + bias[:, None, :], dim=-1)
-            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, key.shape[1]))
-        return out.view(p, h, n, d).transpose(1, 2)
+            exists = torch.isfinite(bias)[:, None, :]  # not a shorter world's padding
+            self.meter.record("annsa", layer, probabilities, layout.token_mask(n, key.shape[1]), exists)
+        return out.view(p, g, h, n, d).transpose(2, 3)
 
     def cross_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -37,8 +37,9 @@ def _sparse_self(
     """AnnSA where the first `fixed` keys play the current chunk (always visible) and the rest the cache slots,
     laid out once as the engine does per step. The bias of the current chunk must be zero (m = 1)."""
     assert bias is None or not bias[:fixed].any()
-    slots = sparse.sort_slots(k[fixed:], v[fixed:], None if bias is None else bias[fixed:], sinks=0, current=fixed)
-    return sparse.self_attention(layer, q[None], k[None, :fixed], v[None, :fixed], slots)[0]
+    cache_bias = None if bias is None else bias[None, fixed:]
+    slots = sparse.sort_slots(k[None, fixed:], v[None, fixed:], cache_bias, sinks=0, current=fixed)
+    return sparse.self_attention(layer, q[None, None], k[None, None, :fixed], v[None, None, :fixed], slots)[0, 0]
 
 
 def test_annsa_with_every_block_selected_equals_dense_attention() -> None:
@@ -86,8 +87,8 @@ def test_annsa_runs_the_passes_of_a_step_at_once_as_it_runs_each_alone() -> None
     torch.manual_seed(3)
     sparse = _sparse(annsa=True, block_q=4, block_k=8, lsh_bits=3, lsh_probes=1)
     sinks, n, h, d = 4, 12, 3, 16
-    cache_k, cache_v, bias = torch.randn(70, h, d), torch.randn(70, h, d), torch.rand(70)
-    q, k, v = torch.randn(2, n, h, d), torch.randn(2, n, h, d), torch.randn(2, n, h, d)
+    cache_k, cache_v, bias = torch.randn(1, 70, h, d), torch.randn(1, 70, h, d), torch.rand(1, 70)
+    q, k, v = torch.randn(2, 1, n, h, d), torch.randn(2, 1, n, h, d), torch.randn(2, 1, n, h, d)
     together = sparse.self_attention(0, q, k, v, sparse.sort_slots(cache_k, cache_v, bias, sinks, n, passes=2))
     for p in range(2):
         alone = sparse.self_attention(
@@ -95,6 +96,48 @@ def test_annsa_runs_the_passes_of_a_step_at_once_as_it_runs_each_alone() -> None
         )
         torch.testing.assert_close(together[p : p + 1], alone, atol=1e-6, rtol=0)
     assert not torch.allclose(together[0], together[1])
+
+
+def test_annsa_lays_worlds_side_by_side_as_it_runs_each_alone() -> None:
+    """Worlds with as many slots attend in one layout and one kernel call, each over its own slots and bias only,
+    each pass over its own chunk; the result is each world's alone, whatever its place in the group."""
+    torch.manual_seed(4)
+    sparse = _sparse(annsa=True, block_q=4, block_k=8, lsh_bits=3, lsh_probes=1)
+    g, sinks, n, h, d = 3, 4, 12, 3, 16
+    cache_k, cache_v = torch.randn(g, 70, h, d), torch.randn(g, 70, h, d)
+    bias = torch.rand(g, 70)
+    q, k, v = (torch.randn(2, g, n, h, d) for _ in range(3))
+    together = sparse.self_attention(0, q, k, v, sparse.sort_slots(cache_k, cache_v, bias, sinks, n, passes=2))
+    assert together.shape == (2, g, n, h, d)
+    for w in range(g):
+        one = slice(w, w + 1)
+        laid = sparse.sort_slots(cache_k[one], cache_v[one], bias[one], sinks, n, passes=2)
+        alone = sparse.self_attention(0, q[:, one], k[:, one], v[:, one], laid)
+        torch.testing.assert_close(together[:, one], alone, atol=1e-6, rtol=0)
+    # another world's slots change nothing of world 0's; its own do
+    other = cache_k.clone()
+    other[1:] = torch.randn(g - 1, 70, h, d)
+    moved = sparse.self_attention(0, q, k, v, sparse.sort_slots(other, cache_v, bias, sinks, n, passes=2))
+    torch.testing.assert_close(moved[:, 0], together[:, 0], atol=1e-6, rtol=0)
+    assert not torch.allclose(moved[:, 1], together[:, 1])
+    # worlds of different lengths: the shorter ones padded with rows no query may see, each still as it is alone
+    lengths = [70, 45, 61]
+    padded = cache_k.clone()
+    for w, length in enumerate(lengths):
+        padded[w, length:] = 1e3  # loud garbage: a padding row that were attended or hashed would show
+    laid = sparse.sort_slots(padded, cache_v, bias, sinks, n, passes=2, lengths=lengths)
+    uneven = sparse.self_attention(0, q, k, v, laid)
+    for w, length in enumerate(lengths):
+        one = slice(w, w + 1)
+        alone_laid = sparse.sort_slots(cache_k[one, :length], cache_v[one, :length], bias[one, :length], sinks, n, 2)
+        alone = sparse.self_attention(0, q[:, one], k[:, one], v[:, one], alone_laid)
+        torch.testing.assert_close(uneven[:, one], alone, atol=1e-5, rtol=0)
+    # a world without merged slots (bias None) is a world of zero bias
+    unbiased = sparse.self_attention(0, q, k, v, sparse.sort_slots(cache_k, cache_v, None, sinks, n, passes=2))
+    zeros = sparse.self_attention(
+        0, q, k, v, sparse.sort_slots(cache_k, cache_v, torch.zeros(g, 70), sinks, n, passes=2)
+    )
+    torch.testing.assert_close(unbiased, zeros, atol=0, rtol=0)
 
 
 def test_annca_keeping_all_tokens_equals_dense_cross_attention() -> None:

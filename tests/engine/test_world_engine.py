@@ -92,6 +92,34 @@ def test_worlds_attend_together_as_each_would_alone(policy: str, histories: tupl
     assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
 
 
+@pytest.mark.parametrize("policy", ["window", "tempcache"])
+@pytest.mark.parametrize("histories", [(4, 4, 4), (3, 4, 6)], ids=["one-length", "padded"])
+def test_annsa_worlds_attend_in_one_layout_as_each_would_alone(
+    policy: str, histories: tuple[int, ...], monkeypatch
+) -> None:
+    """AnnSA lays the batch's worlds side by side, shorter ones padded: one layout and one kernel call per layer
+    and forward for the whole batch, and each world's frames as it makes them alone."""
+    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}, attention={"annsa": True, "block_k": 8}))
+    plans = [[FORWARD, TURN, IDLE], [TURN, TURN, FORWARD], [IDLE, FORWARD, TURN]]
+    batched_worlds, single_worlds = _twin_batches(engine, histories)
+    groups = []  # worlds per sparse call
+    sparse_attention = type(engine.sparse).self_attention
+
+    def counted(self, layer, q, k, v, slots):
+        groups.append(q.shape[1])
+        return sparse_attention(self, layer, q, k, v, slots)
+
+    monkeypatch.setattr(type(engine.sparse), "self_attention", counted)
+    for step in range(3):
+        groups.clear()
+        batched = engine.step(batched_worlds, [plan[step] for plan in plans])
+        assert groups and set(groups) == {3}  # every world in every sparse call
+        singles = [engine.step([w], [plan[step]])[0] for w, plan in zip(single_worlds, plans)]
+        for b, s in zip(batched, singles):
+            assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1  # batched matmuls may round differently
+    assert [w.cache.tokens_per_layer() for w in batched_worlds] == [w.cache.tokens_per_layer() for w in single_worlds]
+
+
 def test_worlds_far_apart_in_length_attend_one_by_one(monkeypatch) -> None:
     engine = WorldEngine.from_config(tiny_config())  # dense
     batched_worlds, single_worlds = _twin_batches(engine, (0, 0, 12))
