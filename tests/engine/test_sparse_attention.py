@@ -224,11 +224,14 @@ def test_engine_with_every_block_selected_equals_the_dense_engine(policy: str) -
 
 
 def test_the_triton_kernel_serves_the_engine_like_the_reference() -> None:
-    """On the CPU the Triton kernel runs in the interpreter; picking it must not change the frames."""
+    """On the CPU the Triton kernel runs in the interpreter; picking it must not change the frames, of a world alone
+    or of two worlds of different lengths laid out side by side (the shorter one padded)."""
     frames = {}
     for kernel in ("torch", "triton"):
         engine = WorldEngine.from_config(tiny_config(attention={"annsa": True, "kernel": kernel, "block_k": 8}))
-        world = engine.new_world(seed=7)
-        frames[kernel] = [engine.step([world], [IDLE])[0][0] for _ in range(4)]
-    for a, b in zip(frames["torch"], frames["triton"]):
+        world, younger = engine.new_world(seed=7), engine.new_world(seed=8)
+        frames[kernel] = [engine.step([world], [IDLE])[0][0] for _ in range(3)]
+        for _ in range(2):
+            frames[kernel] += [chunk[0] for chunk in engine.step([world, younger], [IDLE, IDLE])]
+    for a, b in zip(frames["torch"], frames["triton"], strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
