@@ -9,7 +9,8 @@
 #      timed alone per backend at a fixed shape and at a new shape every call (is the cost per new shape?), and
 #      the kernel launches and host syncs of a step of 1 and of 8 worlds (what each world adds)
 #   2. the `gpu`-marked tests (Triton kernel vs reference at Wan shape, ANN backends on CUDA tensors, worlds of
-#      different lengths padded into one attention call on CUDA as each would step alone), in the
+#      different lengths padded into one attention call on CUDA as each would step alone, the step's host tensors
+#      copied to the GPU without a host sync), in the
 #      background beside 3 (they check results, not speed)
 #   3. training runs on the GPU, side by side, one per training schedule named in RUNS (configs/NAME.yaml; default:
 #      train_rollout_history_gpu, training on the model's own rollouts, whose rollouts took 4.7 s a step on that
@@ -81,6 +82,7 @@ timeout 150 "$python" scripts/profile_step.py --device "$device" --out "$out/pro
 echo "== 2/6 gpu tests (background; faiss-gpu is not installed here, so its case is left out)"
 timeout 200 "$python" -m pytest -m gpu -q -p no:cacheprovider -k "not faiss" \
     tests/engine/test_ann.py tests/engine/kernels/test_block_sparse.py tests/engine/test_world_engine.py \
+    tests/engine/test_transfer.py \
     > "$out/gpu_tests.txt" 2>&1 &
 tests=$!
 

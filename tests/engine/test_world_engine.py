@@ -552,9 +552,11 @@ def test_a_caller_that_chose_cudnn_attention_alone_keeps_it() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["dense", "tempcache"])
+@pytest.mark.parametrize("policy", ["dense", "tempcache", "tempcache+annsa"])
 def test_on_a_gpu_worlds_far_apart_attend_padded_as_each_would_alone(policy: str, monkeypatch) -> None:
-    engine = WorldEngine.from_config(tiny_config(cache={"policy": policy}, runtime={"device": "cuda"}))
+    cache, annsa = policy.split("+")[0], policy.endswith("+annsa")  # AnnSA: the Triton kernel, worlds side by side
+    sections = {"cache": {"policy": cache}, "attention": {"annsa": annsa, "block_k": 8}, "runtime": {"device": "cuda"}}
+    engine = WorldEngine.from_config(tiny_config(**sections))
     batched_worlds, single_worlds = _twin_batches(engine, (0, 2, 12))  # apart beyond a CPU's padding, not a GPU's
     alone = []
     monkeypatch.setattr(attention, "attend", lambda *args: alone.append(1) or _attend(*args))
