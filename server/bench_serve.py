@@ -431,13 +431,21 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 # ---- words
 
 
+def _overrides_words(overrides: dict[str, Any]) -> str:
+    """The `--set` overrides as the command took them, or nothing."""
+    return "".join(
+        f" --set {key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     """bench_serve.md: the run in one line, a row per session and one for all, and what each column means."""
     engine, sessions = report["engine"], report["per_session"]
     lines = [
         f"# bench serve: {report['sessions']} realtime sessions, {report['seconds']:g} s measured",
         "",
-        f"{machine_words(report['machine'])}, torch {report['machine']['torch']}; config {report['config']['file']}; "
+        f"{machine_words(report['machine'])}, torch {report['machine']['torch']}; config {report['config']['file']}"
+        f"{_overrides_words(report['config'].get('overrides') or {})}; "
         f"{report['warmup_s']:g} s warm-up; every player asks for {CLIENT_FPS:g} fps and changes its input every "
         f"{INPUT_INTERVAL_S * 1e3:g} ms.",
         "",

@@ -28,7 +28,8 @@ PER_SESSION = {"fps", "latency_ms_p50", "latency_ms_p95", "dropped", "frames", "
 
 async def test_two_sessions_report(tmp_path: Path) -> None:
     config, out = write_config(tmp_path / "tiny.yaml"), tmp_path / "bench"
-    report = await run_serve_benchmark(config, out, sessions=2, seconds=1.5, warmup=0.5)
+    overrides = {"cache.policy": "window", "attention.annsa": True}
+    report = await run_serve_benchmark(config, out, sessions=2, seconds=1.5, warmup=0.5, overrides=overrides)
     assert json.loads((out / "bench_serve.json").read_text()) == report
     assert REQUIRED <= report.keys() and report["sessions"] == 2 and report["seconds"] == 1.5
     assert len(report["per_session"]) == 2
@@ -42,7 +43,9 @@ async def test_two_sessions_report(tmp_path: Path) -> None:
     engine = report["engine"]
     assert engine["step_ms_mean"] > 0 and engine["steps"] > 0 and 1 <= engine["batch_size_mean"] <= 2
     assert report["machine"]["device"] == "cpu" and report["config"]["settings"]["max_sessions"] == 2
-    assert "| all |" in (out / "bench_serve.md").read_text()
+    assert report["config"]["world"]["attention"]["annsa"] is True
+    words = (out / "bench_serve.md").read_text()
+    assert "| all |" in words and "--set cache.policy=window --set attention.annsa=true;" in words
 
 
 @pytest.mark.parametrize(("sessions", "seconds", "problem"), [(0, 1.0, "sessions"), (1, 0.0, "seconds")])
