@@ -265,15 +265,11 @@ class CachedAttention:
             for group, sorted_slots in self._sorted_groups(sparse, layer, n, passes, stack):
                 # every pass of the group's worlds in one call: one layout and one kernel launch
                 if len(group) == worlds:
-                    q_g, k_g, v_g = by_pass[:3]
-                else:
-                    index = to_device(group, q.device)
-                    q_g, k_g, v_g = (t.index_select(1, index) for t in by_pass[:3])
-                attended = sparse.self_attention(layer, q_g, k_g, v_g, sorted_slots)
-                if len(group) == worlds:
-                    by_pass[3].copy_(attended)
-                else:
-                    by_pass[3].index_copy_(1, index, attended)
+                    by_pass[3].copy_(sparse.self_attention(layer, *by_pass[:3], sorted_slots))
+                    continue
+                index = to_device(group, q.device)
+                q_g, k_g, v_g = (t.index_select(1, index) for t in by_pass[:3])
+                by_pass[3].index_copy_(1, index, sparse.self_attention(layer, q_g, k_g, v_g, sorted_slots))
         elif stack is not None:
             for first in range(0, q.shape[0], worlds):  # pass by pass: rows p B .. p B + B - 1
                 rows = slice(first, first + worlds)
@@ -308,12 +304,9 @@ class CachedAttention:
         out = []
         for group in groups:
             members = [every[b] for b in group]
-            laid = members[0].sorted
-            if laid is None or laid.worlds != len(group) or laid.passes < passes:
-                laid = None
-            elif any(m.sorted is not laid or m.sorted_row != i for i, m in enumerate(members)):
-                laid = None
-            if laid is None:
+            laid = members[0].sorted  # the same worlds' layout, in the same order, for at least as many passes
+            kept = laid is not None and laid.worlds == len(group) and laid.passes >= passes
+            if not (kept and all(m.sorted is laid and m.sorted_row == i for i, m in enumerate(members))):
                 laid = self._sort(sparse, members, stack, n, passes)
                 for i, m in enumerate(members):
                     m.sorted, m.sorted_row = laid, i
