@@ -7,6 +7,7 @@ from engine.actions import IDLE, Action, ActionSpace
 from engine.checkpoint import CheckpointError, load_checkpoint, read_model_config, save_checkpoint
 from engine.config import ATTENTION_PRESETS, ConfigError, WorldConfig, load_config, parse_config, with_overrides
 from engine.model import WorldModel
+from engine.policies import CacheFull
 from engine.world import World, WorldStats
 from engine.world_engine import WorldEngine
 
@@ -15,6 +16,7 @@ __all__ = [
     "IDLE",
     "Action",
     "ActionSpace",
+    "CacheFull",
     "CheckpointError",
     "ConfigError",
     "World",

@@ -34,10 +34,10 @@ DEFAULT_KEYS = (
 
 # Named attention configurations (dotted-key overrides): what the rollout benchmark compares and what a server
 # session may choose. Each sets every key it is about, so a base config that turns on sparse attention cannot make
-# "dense" sparse.
+# "dense" sparse, nor a base bound on the cache (`cache.max_slots`) bound it.
 _DENSE_ATTENTION = {"attention.annsa": False, "attention.annca": False}
 ATTENTION_PRESETS: dict[str, dict[str, Any]] = {
-    "dense": {"cache.policy": "dense", **_DENSE_ATTENTION},
+    "dense": {"cache.policy": "dense", "cache.max_slots": None, **_DENSE_ATTENTION},  # the unbounded baseline
     "window": {"cache.policy": "window", **_DENSE_ATTENTION},
     "tempcache": {"cache.policy": "tempcache", **_DENSE_ATTENTION},
     "tempcache+annsa": {"cache.policy": "tempcache", "attention.annsa": True, "attention.annca": False},
@@ -169,8 +169,9 @@ class CacheConfig(_Section):
     max_slots: int | None = Field(
         None,
         ge=1,
-        description="tempcache hard bound per layer (slots); none = the window policy's capacity, "
-        "(sink_frames + window_frames) x tokens per frame",
+        description="hard bound per layer (slots). tempcache: none = the window policy's capacity, "
+        "(sink_frames + window_frames) x tokens per frame; dense: none = unbounded (each world's buffers grow), "
+        "else every world's cache is a row of one pool and a world that fills it fails its next commit",
     )
     exact_frames: int = Field(
         2,
@@ -262,6 +263,12 @@ class WorldConfig(_Section):
                     f"tempcache capacity {sizes.capacity_slots} slots (cache.max_slots) must hold the sinks, the "
                     f"{exact} exact frames (cache.exact_frames) and room to merge (>= {least} slots)"
                 )
+        if self.cache.policy == "dense" and sizes.capacity_slots is not None:
+            if sizes.capacity_slots < sizes.tokens_per_chunk:
+                raise ValueError(
+                    f"a dense cache bounded at {sizes.capacity_slots} slots (cache.max_slots) must hold one chunk "
+                    f"(>= {sizes.tokens_per_chunk} slots)"
+                )
         return self
 
     def sizes(self, dtype_bytes: int = 4) -> Sizes:
@@ -279,7 +286,7 @@ class WorldConfig(_Section):
         elif self.cache.policy == "tempcache":
             capacity = self.cache.max_slots or window
         else:
-            capacity = None
+            capacity = self.cache.max_slots  # dense: unbounded unless bounded
         return Sizes(
             latent_shape=(m.autoencoder.latent_channels, latent_h, latent_w),
             token_grid=(grid_h, grid_w),

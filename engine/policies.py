@@ -4,7 +4,8 @@ A policy is chosen once when the engine is built and is shared by every world; i
 lives in the `LayerCache` it is handed). Model code never branches on the policy's name.
 
 - `dense`: keeps every token of every frame; the unbounded baseline of the paper. Memory and per-frame attention
-  work grow linearly with the frame index.
+  work grow linearly with the frame index (up to `cache.max_slots`, where a caller that knows how long its worlds
+  live bounds it).
 - `window`: keeps the first `sink_frames` frames forever plus the `window_frames` most recent frames, in a ring of
   fixed slot blocks: frame f >= S overwrites the block of frame f - W. Capacity (S + W) x tokens per frame is
   allocated once, so memory is flat by construction.
@@ -20,6 +21,15 @@ import torch
 from engine.config import CacheConfig, Sizes
 from engine.kv_cache import KVView, LayerCache, PooledViews, by_pool, write_blocks
 from engine.transfer import to_device
+
+
+class CacheFull(RuntimeError):
+    """A bounded cache cannot take the next chunk (only a bounded `dense` one can fill: the other policies merge or
+    evict); `worlds` are the worlds whose caches are full, where the caller knows them."""
+
+    def __init__(self, message: str, worlds: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.worlds = list(worlds)
 
 
 class CachePolicy:
@@ -58,6 +68,22 @@ class CachePolicy:
         for cache, k, v, p, first in zip(caches, key, value, pos, first_frames):
             self.commit(cache, k, v, p, first)
 
+    def full(self, cache: LayerCache, slots: int) -> bool:
+        """Whether `slots` more tokens would pass the cache's bound: never, unless the policy appends under one."""
+        return False
+
+    def ensure_room(self, caches: Sequence[LayerCache], slots: int, worlds: Sequence[object] = ()) -> None:
+        """Raise `CacheFull` (naming `worlds[b]` for each full caches[b], where given) unless every cache can take
+        `slots` more tokens: what a commit checks before it writes anything."""
+        full = [b for b, cache in enumerate(caches) if self.full(cache, slots)]
+        if full:
+            cache = caches[full[0]]
+            raise CacheFull(
+                f"a {self.name} cache bounded at {cache.capacity} slots per layer (cache.max_slots) is full: it "
+                f"holds {cache.length} and cannot take {slots} more",
+                [worlds[b] for b in full] if worlds else (),
+            )
+
     def view(self, cache: LayerCache) -> KVView:
         """Every slot in use; every policy stores the sink frames' tokens first and never moves them."""
         return cache.view(sinks=self.config.sink_frames * self.sizes.tokens_per_frame)
@@ -69,17 +95,45 @@ class CachePolicy:
 
 
 class DensePolicy(CachePolicy):
+    """Appends every chunk. Unbounded (`cache.max_slots` none), each world's buffers are its own and grow
+    `grow_frames` at a time; bounded, every world's cache is a row of the engine's pool (as a training rollout's
+    worlds, whose length is known, are: one indexed write per buffer for them all) and a commit that would pass the
+    bound fails before it writes anything."""
+
     name = "dense"
 
     @property
     def capacity(self) -> int:
-        return self.sizes.grow_slots
+        return self.sizes.capacity_slots or self.sizes.grow_slots
+
+    def full(self, cache: LayerCache, slots: int) -> bool:
+        return cache.shared and cache.length + slots > cache.capacity
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
-        cache.reserve(cache.length + key.shape[0], self.sizes.grow_slots)
-        cache.write(cache.length, key, value, pos)
+        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
+
+    def commit_worlds(
+        self,
+        caches: Sequence[LayerCache],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+    ) -> None:
+        n = key.shape[1]
+        self.ensure_room(caches, n)
+        for worlds in by_pool(caches):
+            group = [caches[b] for b in worlds]
+            if not group[0].shared:  # a cache of its own: it grows
+                [b] = worlds
+                group[0].reserve(group[0].length + n, self.sizes.grow_slots)
+                group[0].write(group[0].length, key[b], value[b], pos[b])
+                continue
+            index = to_device(worlds, key.device)
+            tokens = (t.index_select(0, index) for t in (key, value, pos))
+            write_blocks(group, [c.length for c in group], *tokens)
 
 
 class WindowPolicy(CachePolicy):

@@ -460,11 +460,17 @@ def predicted_history(
     return history, _previous_of(history, true_before)
 
 
-def rollout_engine(model: WorldModel, config: WorldConfig) -> WorldEngine:
+def rollout_engine(model: WorldModel, config: WorldConfig, frames: int) -> WorldEngine:
     """An engine that generates with `model` as it trains (its weights as they are at each call), under the
     config's sampler and a dense cache without sparse attention: the history the DiT's training pass attends to is
-    exact, so the rollout's errors are the model's own, not a cache's."""
-    dense = with_overrides(config, {"cache.policy": "dense", "attention.annsa": False, "attention.annca": False})
+    exact, so the rollout's errors are the model's own, not a cache's. Its worlds hold at most `frames` frames (a
+    clip's), so their caches are rows of one pool, bounded there: each step writes and reads every world's slots in
+    a few indexed operations per layer, where caches that grow each on its own take a copy per world."""
+    tokens = config.sizes().tokens_per_frame
+    dense = with_overrides(
+        config,
+        {"cache.policy": "dense", "cache.max_slots": frames * tokens, "attention.annsa": False, "attention.annca": False},
+    )
     parameter = model.dit.patch_embed.weight
     return WorldEngine(dense, model, parameter.device, parameter.dtype)
 
@@ -836,7 +842,7 @@ class TrainingRun:
             phase.rollout_share == 1 or float(torch.rand(1, generator=self.generator)) < phase.rollout_share
         )
         if rolled:  # generated in float32, outside the training pass's autocast
-            engine = rollout_engine(self.model, self.config)
+            engine = rollout_engine(self.model, self.config, clips.latents.shape[1])
             history = rollout_history(engine, clips, phase.rollout_frames, self.generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return dit_loss(

@@ -88,8 +88,8 @@ class WorldEngine:
         self.dtype = dtype
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
-        # a bounded policy's worlds are rows of a few buffers per layer (batched commits and attention); an
-        # unbounded one's caches grow each on its own
+        # a bounded policy's worlds (a bounded dense one's too) are rows of a few buffers per layer (batched commits
+        # and attention); an unbounded one's caches grow each on its own
         m = config.model
         self.pool = None
         if self.sizes.capacity_slots is not None:
@@ -273,6 +273,7 @@ class WorldEngine:
         a cache (`observe` and `predict` do). Worlds without a pending chunk are left as they are."""
         pending = [w for w in worlds if w.pending is not None]
         if pending:
+            self._ensure_room(pending)
             commit = self._commit(pending)
             dit = self.model.dit
             with without_cudnn_attention():
@@ -280,12 +281,20 @@ class WorldEngine:
             for world in pending:
                 world.pending = None
 
+    def _ensure_room(self, committing: Sequence[World]) -> None:
+        """Raise `CacheFull` naming the worlds whose bounded dense caches cannot take their pending chunk, before any
+        noise is drawn or anything written: the caller may go on with the other worlds."""
+        caches = [w.cache.layers[0] for w in committing]  # every layer holds as many slots
+        self.policy.ensure_room(caches, self.sizes.tokens_per_chunk, committing)
+
     def _denoise(self, worlds: Sequence[World], encoded: torch.Tensor) -> _Chunk:
         """The next chunk of every world under its encoded actions (B, T, A)."""
         if not worlds:
             raise ValueError("a step needs at least one world")
         if len({id(w) for w in worlds}) != len(worlds):
             raise ValueError("a world may appear only once per step")
+        committing = [w for w in worlds if w.pending is not None]
+        self._ensure_room(committing)
         B, T = len(worlds), self.chunk_frames
         # 1. conditioning: actions (B, T, A), prompts, positions of the chunk's tokens
         prompt = PromptTokens.stack([w.prompt_tokens for w in worlds])
@@ -295,7 +304,6 @@ class WorldEngine:
         noise = torch.stack([self._noise(w) for w in worlds])  # (B, T, C, h, w)
         previous = self._previous(worlds)
         # the commit pass of the chunks these worlds made in their previous step, folded into the first forward
-        committing = [w for w in worlds if w.pending is not None]
         commit = self._commit(committing) if committing else None
 
         # 3. denoise; after the first forward's commit rows the caches are only read, and their rotated slots are

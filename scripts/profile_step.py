@@ -92,7 +92,7 @@ def profile_step(
                 backends[name] = {"step_ms_median": world.median(timed)}
         except RuntimeError as error:  # this backend cannot serve one of the step's calls
             backends[name] = {"error": _first_line(error)}
-    rollout = rollout_engine(engine.model, engine.config)  # dense, as a training rollout's
+    rollout = rollout_engine(engine.model, engine.config, warmup + timed)  # dense and pooled, as a training rollout's
     together = {"worlds": worlds, "one_call_per_pass": _World(rollout, warmup, worlds).median(timed)}
     alone = mock.patch.object(CachedAttention, "_stack", return_value=None)
     with alone:

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from engine import WorldEngine
+from engine import CacheFull, WorldEngine
 from server.game_worlds import GameWorlds
 from server.metrics import Metrics
 from server.session import Chunk, Order, Session
@@ -137,7 +137,19 @@ class EngineWorker:
             engine = self.engines[attention]
             started = time.monotonic()
             try:
-                frames = engine.step([o.world for o in group], [o.applied.action for o in group])
+                try:
+                    frames = engine.step([o.world for o in group], [o.applied.action for o in group])
+                except CacheFull as full:  # raised before the step did anything: the others step without them
+                    if not full.worlds:
+                        raise
+                    ended = {id(world) for world in full.worlds}
+                    for order in group:
+                        if id(order.world) in ended:
+                            self._on_failure(order.session, f"CacheFull: {full}")
+                    group = [order for order in group if id(order.world) not in ended]
+                    if not group:
+                        continue
+                    frames = engine.step([o.world for o in group], [o.applied.action for o in group])
             except Exception as error:  # an engine failure ends the sessions it hit, never the worker
                 log.exception("engine step failed for %d world(s) under %s", len(group), attention)
                 for order in group:

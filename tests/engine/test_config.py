@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import ConfigError, WorldConfig, load_config
+from engine import ATTENTION_PRESETS, ConfigError, WorldConfig, load_config, with_overrides
 from engine.config import describe_config
 from engine.kv_cache import LayerCache
 from tests.conftest import tiny_config, write_config
@@ -110,6 +110,18 @@ def test_derived_sizes() -> None:
     assert sizes.capacity_bytes == sizes.capacity_slots * sizes.slot_bytes * 6
     dense = WorldConfig(cache={"policy": "dense"}).sizes()
     assert dense.capacity_slots is None and dense.capacity_bytes is None
+    bounded = WorldConfig(cache={"policy": "dense", "max_slots": 40 * 16}).sizes()
+    assert bounded.capacity_slots == 40 * 16 and bounded.capacity_bytes == 40 * 16 * sizes.slot_bytes * 6
+
+
+def test_a_dense_bound_that_cannot_hold_one_chunk_is_rejected(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "small.yaml", {"model": {"chunk_frames": 2}, "cache": {"policy": "dense"}})
+    with pytest.raises(ConfigError, match=r"bounded at 16 slots \(cache.max_slots\) must hold one chunk"):
+        load_config(path, {"cache.max_slots": 16})
+    assert load_config(path, {"cache.max_slots": 32}).sizes().capacity_slots == 32
+    # the "dense" preset is the paper's unbounded baseline whatever bound the base config sets
+    bounded = load_config(path, {"cache.max_slots": 32})
+    assert with_overrides(bounded, ATTENTION_PRESETS["dense"]).sizes().capacity_slots is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -252,8 +252,9 @@ def test_rollout_history_is_the_models_own_rollout_from_the_true_frames_before_i
     torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)  # the input starts at zero: make it count
     clips = _random_clips(config, frames=6)
     clips.actions[:, :, 0] = 1.0  # a key held: the action guidance has something to push against
-    engine = rollout_engine(model, config)
+    engine = rollout_engine(model, config, 6)
     assert engine.policy.name == "dense" and engine.sampler.action_guidance == config.sampler.action_guidance
+    assert engine.pool is not None, "a rollout's worlds are rows of one pool, bounded at a clip's frames"
 
     def rollout(of: Clips) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_history(engine, of, 2, torch.Generator().manual_seed(5))
