@@ -469,7 +469,12 @@ def rollout_engine(model: WorldModel, config: WorldConfig, frames: int) -> World
     tokens = config.sizes().tokens_per_frame
     dense = with_overrides(
         config,
-        {"cache.policy": "dense", "cache.max_slots": frames * tokens, "attention.annsa": False, "attention.annca": False},
+        {
+            "cache.policy": "dense",
+            "cache.max_slots": frames * tokens,
+            "attention.annsa": False,
+            "attention.annca": False,
+        },
     )
     parameter = model.dit.patch_embed.weight
     return WorldEngine(dense, model, parameter.device, parameter.dtype)

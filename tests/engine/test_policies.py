@@ -115,7 +115,9 @@ def test_bounded_dense_worlds_of_one_pool_committed_together_end_as_each_alone_g
     pool = CachePool(1, m.heads, m.head_dim, bounded.capacity, torch.float32, torch.device("cpu"))
     owners = [pool.new_cache() for _ in range(3)]
     together = [owner.layers[0] for owner in owners]
-    alone = [LayerCache.alone(m.heads, m.head_dim, growing.capacity, torch.float32, torch.device("cpu")) for _ in owners]
+    alone = [
+        LayerCache.alone(m.heads, m.head_dim, growing.capacity, torch.float32, torch.device("cpu")) for _ in owners
+    ]
     generator = torch.Generator().manual_seed(0)
     firsts = [0, 0, 40]  # dense appends wherever the frames lie (a training clip skips ahead after its sink)
 

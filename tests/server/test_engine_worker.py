@@ -54,7 +54,9 @@ def test_a_world_whose_bounded_dense_cache_is_full_ends_its_own_session_and_its_
     for _ in range(4):  # 3 frames written, the fourth pending: the old world's cache is full
         engine.step([old], [IDLE])
     chunks, failures = [], []
-    worker = EngineWorker(Metrics(), on_chunk=lambda s, c: chunks.append((s, c)), on_failure=lambda *a: failures.append(a))
+    worker = EngineWorker(
+        Metrics(), on_chunk=lambda s, c: chunks.append((s, c)), on_failure=lambda *a: failures.append(a)
+    )
     worker.engines["dense"] = engine
     sessions = [_Session("dense", world) for world in (old, young)]
     worker._step([Order(s, s.world, Applied(IDLE), due_at=0.0, generation=0) for s in sessions])
