@@ -309,7 +309,8 @@ class CachePool:
     are large gets a segment per world. The last segments are given back once every row of them is free (the first
     is kept), so the pool holds at most about twice the bytes of the worlds it holds, and at least the first
     segment. Worlds of one segment attend and commit in a few batched operations per layer, whatever their number
-    (engine/attention.py, engine/tempcache.py)."""
+    (engine/attention.py, engine/tempcache.py); `reserve` makes room for many worlds made together in one segment
+    instead of several doubling ones."""
 
     FIRST_ROWS = 8
     SEGMENT_BYTES = 1 << 30
@@ -347,11 +348,20 @@ class CachePool:
         weakref.finalize(cache, self._release, (segment, row))
         return cache
 
-    def _add_segment(self) -> None:
+    def reserve(self, count: int) -> None:
+        """Make sure `count` rows are free: where fewer are, add one segment of at least the rows missing (still of
+        no more than `SEGMENT_BYTES`, at least one row; then more segments), so that worlds made together share as
+        few segments as memory allows."""
+        with self._lock:
+            while len(self._free) < count:
+                self._add_segment(least=count - len(self._free))
+
+    def _add_segment(self, least: int = 1) -> None:
         world_bytes = (
             self.depth * SlotPool(0, self.capacity, self.heads, self.head_dim, self.dtype, self.device).row_bytes
         )
-        rows = max(1, min(self.FIRST_ROWS * 2 ** len(self.segments), self.SEGMENT_BYTES // world_bytes))
+        rows = max(least, 2 * self.segments[-1][0].rows if self.segments else self.FIRST_ROWS)
+        rows = max(1, min(rows, self.SEGMENT_BYTES // world_bytes))
         layers = [
             SlotPool(rows, self.capacity, self.heads, self.head_dim, self.dtype, self.device) for _ in range(self.depth)
         ]

@@ -499,6 +499,7 @@ def rollout_history(
         raise ValueError(f"a rollout of {frames} frames does not fit after the sink frame of a {Fr}-frame clip")
     start = 1 + int(torch.randint(Fr - frames, (1,), generator=generator))  # r: the first generated clip frame
     seeds = torch.randint(2**31 - 1, (B,), generator=generator).tolist()
+    engine.reserve_worlds(B)
     worlds = [engine.new_world(prompt, seed) for prompt, seed in zip(clips.prompts, seeds)]
     actions = clips.actions.to(engine.device, engine.dtype)
     engine.observe_latents(worlds, x[:, :1], actions[:, :1])

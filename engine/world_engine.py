@@ -150,6 +150,14 @@ class WorldEngine:
             self.observe(world, init_frames, [IDLE] * len(init_frames))
         return world
 
+    def reserve_worlds(self, count: int) -> None:
+        """Make room for `count` worlds about to be made together (a training rollout's clips): under a bounded
+        policy their caches then come from one segment of the pool where memory allows, and a step of them takes a
+        few indexed operations per layer rather than a few per segment (engine/kv_cache.py, `CachePool`). Nothing
+        under an unbounded policy."""
+        if self.pool is not None:
+            self.pool.reserve(count)
+
     def set_prompt(self, world: World, prompt: str) -> None:
         """Condition the world's next frames on a new prompt; its history stays."""
         with torch.inference_mode():

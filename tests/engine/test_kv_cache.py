@@ -78,6 +78,23 @@ def test_segments_stop_doubling_at_their_byte_budget(monkeypatch) -> None:
     assert [layers[0].rows for layers in big.segments] == [1, 1, 1] and len(owners) == 3
 
 
+def test_rows_reserved_together_come_from_one_segment_within_its_byte_budget(monkeypatch) -> None:
+    pool = _pool()
+    pool.reserve(20)  # a fresh pool: one segment of 20 rows, not 8 + 16
+    caches = [pool.new_cache() for _ in range(20)]
+    assert [layers[0].rows for layers in pool.segments] == [20]
+    assert {cache.layers[0].pool for cache in caches} == {pool.segments[0][0]}
+    pool.reserve(3)  # none free: a segment doubling the last's rows (40) holds them
+    assert [layers[0].rows for layers in pool.segments] == [20, 40]
+    pool.reserve(3)  # free already: nothing added
+    assert pool.rows == 60
+    monkeypatch.setattr(CachePool, "SEGMENT_BYTES", 2 * 2 * ROW_BYTES)  # two worlds' caches of 2 layers
+    small = _pool()
+    taken = small.new_cache()  # one row of the first segment taken, one free
+    small.reserve(4)  # 3 missing, but a segment holds 2 at most
+    assert [layers[0].rows for layers in small.segments] == [2, 2, 2] and taken.layers[0].row == 0
+
+
 def test_a_row_goes_back_to_the_pool_when_its_cache_is_dropped_and_comes_back_cleared() -> None:
     pool = _pool()
     kept, dropped = pool.new_cache(), pool.new_cache()

@@ -22,6 +22,7 @@ from engine import train as train_module
 from engine.actions import Action
 from engine.attention import SequenceAttention
 from engine.config import ConfigError
+from engine.kv_cache import CachePool
 from engine.model import WorldModel
 from engine.train import (
     Clips,
@@ -246,7 +247,7 @@ def test_predicted_history_passes_compound_the_models_own_predictions(monkeypatc
     assert torch.isfinite(loss)
 
 
-def test_rollout_history_is_the_models_own_rollout_from_the_true_frames_before_it():
+def test_rollout_history_is_the_models_own_rollout_from_the_true_frames_before_it(monkeypatch):
     config = tiny_config(model={"previous_frame_input": True})
     model = WorldModel(config).init_random_(0)
     torch.nn.init.normal_(model.dit.previous_embed.weight, std=0.02)  # the input starts at zero: make it count
@@ -259,7 +260,9 @@ def test_rollout_history_is_the_models_own_rollout_from_the_true_frames_before_i
     def rollout(of: Clips) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_history(engine, of, 2, torch.Generator().manual_seed(5))
 
+    monkeypatch.setattr(CachePool, "FIRST_ROWS", 1)
     history, before = rollout(clips)
+    assert [layers[0].rows for layers in engine.pool.segments] == [2], "the clips' caches, reserved in one segment"
     replay = torch.Generator().manual_seed(5)  # the draws rollout_history makes: the first generated frame, seeds
     start = 1 + int(torch.randint(6 - 2, (1,), generator=replay))
     seeds = torch.randint(2**31 - 1, (2,), generator=replay).tolist()
