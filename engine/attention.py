@@ -1,10 +1,13 @@
 """How attention is computed, behind one signature the model calls: `self_attention` and `cross_attention`.
 
 The DiT hands over pre-rotary queries, keys and values; an attention context decides what they attend to and
-computes it. Two contexts:
+computes it. Three contexts:
 
 - `SequenceAttention`: no cache. Every frame of a whole sequence in one forward, frame-causal by chunk (a token
   sees its own chunk and every earlier one). For training and as the reference the cached path is tested against.
+- `PrefillAttention`: several chunks written into caches that keep every token exactly (`dense`) in one forward:
+  each chunk sees the cached slots and, frame-causally, the chunks before it in the pass, as that many commit passes
+  one after another would (what `WorldEngine.observe_latents` runs for a training rollout's true frames).
 - `CachedAttention`: one autoregressive step of a batch of worlds. Each world's queries see the slots its
   `CachePolicy` exposes plus the current chunk (densely, or block-sparse through AnnSA when `SparseAttention`
   says so for this layer and step); in a commit pass the policy then stores the chunk's keys/values.
@@ -113,6 +116,77 @@ class SequenceAttention:
         q, k = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.turns).chunk(2, dim=2)  # (B, N, h, d) each
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
+        )
+        return out.transpose(1, 2)
+
+    def cross_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return cross_attend(q, k, v, mask)
+
+
+class PrefillAttention:
+    """The commit of several chunks at once into `caches` under a policy that keeps every token exactly (`dense`):
+    pos (B, N, 3) of the chunks' tokens, world b's from frame first_frames[b]; mask (N, N) bool, frame-causal by
+    chunk (`causal_mask`). In each layer every token attends to every cached slot of its world and to the tokens the
+    mask lets it see, then the policy stores all of them: the keys and values that N / chunk commit passes, one
+    after another, would store, in one forward (equal up to float rounding). The worlds' caches are read in one
+    gather where they are rows of a pool (padded to the longest, the padding masked), else world by world."""
+
+    def __init__(
+        self,
+        rope: Rope3D,
+        policy: CachePolicy,
+        caches: Sequence[WorldCache],
+        pos: torch.Tensor,
+        first_frames: Sequence[int],
+        mask: torch.Tensor,
+    ) -> None:
+        self.rope = rope
+        self.policy = policy
+        self.caches = caches
+        self.pos = pos
+        self.first_frames = first_frames
+        self.turns = rope.turns(pos)
+        self.new = torch.zeros(mask.shape, device=pos.device).masked_fill(~mask, -math.inf)  # (N, N) additive
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q_rot, k_rot = Rope3D.rotate_by(torch.cat((q, k), dim=2), self.turns).chunk(2, dim=2)  # (B, N, h, d) each
+        layers = [cache.layers[layer] for cache in self.caches]
+        pooled = self.policy.view_worlds(layers)
+        if pooled is not None:
+            slots = max(pooled.lengths)
+            key, value, pos, bias = pooled.padded(slots)
+            out = self._attend(q_rot, k_rot, v, self.rope.rotate(key, pos), value, bias)
+        else:
+            out = torch.empty_like(q)
+            for b, layer_cache in enumerate(layers):
+                view = self.policy.view(layer_cache)
+                key = self.rope.rotate(view.key, view.pos)[None]
+                bias = None if view.bias is None else view.bias[None]
+                out[b : b + 1] = self._attend(
+                    q_rot[b : b + 1], k_rot[b : b + 1], v[b : b + 1], key, view.value[None], bias
+                )
+        self.policy.commit_worlds(layers, k, v, self.pos, self.first_frames)  # after every world has attended
+        return out
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cached_key: torch.Tensor,
+        cached_value: torch.Tensor,
+        cached_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """q, k, v (B, N, h, d) (q and k rotated) over the cached slots (B, S, h, d) with their bias (B, S) or None,
+        and the new tokens through the mask -> (B, N, h, d)."""
+        B, N, S = q.shape[0], q.shape[1], cached_key.shape[1]
+        old = torch.zeros(B, N, S, device=q.device) if cached_bias is None else cached_bias[:, None, :].expand(B, N, S)
+        bias = torch.cat((old, self.new.expand(B, N, N)), dim=2).to(q.dtype)[:, None]  # (B, 1, N, S + N)
+        keys, values = torch.cat((cached_key, k), dim=1), torch.cat((cached_value, v), dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
         )
         return out.transpose(1, 2)
 

@@ -36,6 +36,9 @@ class CachePolicy:
     """Interface: `capacity` (slots to preallocate), `commit` (store a chunk's tokens), `view` (what queries see)."""
 
     name: str
+    # whether every token written stays in the cache as it was: then several chunks may be written in one pass, each
+    # seeing the ones before it exactly as it would after their own passes (engine/attention.py, PrefillAttention)
+    keeps_every_token = False
 
     def __init__(self, config: CacheConfig, sizes: Sizes) -> None:
         self.config = config
@@ -101,6 +104,7 @@ class DensePolicy(CachePolicy):
     bound fails before it writes anything."""
 
     name = "dense"
+    keeps_every_token = True
 
     @property
     def capacity(self) -> int:

@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from engine.actions import IDLE, Action
-from engine.attention import CachedAttention, FoldedCommit, RotatedSlots, StepSlots, without_cudnn_attention
+from engine.attention import (
+    CachedAttention,
+    FoldedCommit,
+    PrefillAttention,
+    RotatedSlots,
+    StepSlots,
+    causal_mask,
+    without_cudnn_attention,
+)
 from engine.checkpoint import load_checkpoint
 from engine.config import WorldConfig
 from engine.kv_cache import CachePool, WorldCache
@@ -44,6 +52,12 @@ from engine.transfer import to_device
 from engine.world import PendingCommit, World
 
 ChunkActions = Action | Sequence[Action]  # one action for every frame of the chunk, or one per frame
+
+
+# the most new tokens per world that `observe_latents` writes in one forward under a policy that keeps every token
+# (the default model's 256 frames, a Wan2.1-shaped model's 2): attention's scores grow with their square (4,096
+# tokens: 64 MiB per world and head in float32)
+PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -243,7 +257,9 @@ class WorldEngine:
         T0, A). `first_frames` (one per world) places each world's latents from that frame index on instead of its
         next one: a world may skip frames ahead, as a training clip does after its sink frame, under the `dense`
         policy only (a bounded cache's ring of exact frames assumes consecutive frames). `previous` (B, C, h, w)
-        replaces each world's latest latent as the previous-frame input of the first observed frame."""
+        replaces each world's latest latent as the previous-frame input of the first observed frame. Under a policy
+        that keeps every token (`dense`) without sparse attention the chunks are written in one forward
+        (`PrefillAttention`), else in one commit pass per chunk."""
         B, T = len(worlds), self.chunk_frames
         shape = (B, latents.shape[1] if latents.ndim == 5 else 0, *self.sizes.latent_shape)
         if tuple(latents.shape) != shape or shape[1] == 0 or shape[1] % T:
@@ -266,12 +282,48 @@ class WorldEngine:
             for world, latest in zip(worlds, to_device(previous, self.device, self.dtype)):
                 world.last_latent = latest
         latents, actions = to_device(latents, self.device, self.dtype), to_device(actions, self.device, self.dtype)
+        if self.policy.keeps_every_token and self.sparse is None:
+            # in forwards of at most PREFILL_TOKENS new tokens a world: attention's memory grows with their square
+            self._ensure_room(worlds, latents.shape[1] * self.sizes.tokens_per_frame)
+            frames = max(1, PREFILL_TOKENS // self.sizes.tokens_per_chunk) * T
+            for start in range(0, latents.shape[1], frames):
+                self._prefill(worlds, latents[:, start : start + frames], actions[:, start : start + frames])
+            return
         for start in range(0, latents.shape[1], T):
             for b, world in enumerate(worlds):
                 world.pending = self._pending(world, latents[b, start : start + T], actions[b, start : start + T], {})
             self.flush(worlds)
             for world in worlds:
                 world.frame_index += T
+
+    def _prefill(self, worlds: Sequence[World], latents: torch.Tensor, actions: torch.Tensor) -> None:
+        """`observe_latents`'s commit passes, latents (B, T0, C, h, w) and actions (B, T0, A), in one forward: every
+        chunk at the context noise (drawn from each world's generator chunk after chunk, as the passes draw it), with
+        the previous-frame input and frame indices its own pass would have, sees the chunks before it."""
+        B, F, T = latents.shape[0], latents.shape[1], self.chunk_frames
+        history, level = latents, self.sampler.context_noise
+        if level > 0:
+            draws = [[self._noise(world) for world in worlds] for _ in range(0, F, T)]  # chunk after chunk
+            noise = torch.stack([torch.cat([chunk[b] for chunk in draws]) for b in range(B)])  # (B, T0, C, h, w)
+            history = self.sampler.noised(latents, noise, level)
+        previous = self._previous(worlds)
+        if previous is not None:  # each chunk's: the last frame of the chunk before it
+            before = torch.cat((previous[:, :1], latents[:, T - 1 : -1 : T]), dim=1)  # (B, T0 / T, C, h, w)
+            previous = before.repeat_interleave(T, dim=1)
+            for world, last in zip(worlds, latents[:, -1]):
+                world.last_latent = last
+        dit = self.model.dit
+        first_frames = [w.frame_index for w in worlds]
+        pos = dit.positions(to_device(first_frames, self.device), F)  # (B, T0 n, 3)
+        chunk_of_token = torch.arange(F // T, device=self.device).repeat_interleave(T * self.sizes.tokens_per_frame)
+        attention = PrefillAttention(
+            dit.rope, self.policy, [w.cache for w in worlds], pos, first_frames, causal_mask(chunk_of_token)
+        )
+        prompt = PromptTokens.stack([w.prompt_tokens for w in worlds])
+        with without_cudnn_attention():
+            dit.write_keys(history, history.new_full((B, F), level), actions, prompt, attention, previous)
+        for world in worlds:
+            world.frame_index += F
 
     @torch.inference_mode()
     def flush(self, worlds: Sequence[World]) -> None:
@@ -289,11 +341,11 @@ class WorldEngine:
             for world in pending:
                 world.pending = None
 
-    def _ensure_room(self, committing: Sequence[World]) -> None:
-        """Raise `CacheFull` naming the worlds whose bounded dense caches cannot take their pending chunk, before any
-        noise is drawn or anything written: the caller may go on with the other worlds."""
+    def _ensure_room(self, committing: Sequence[World], slots: int | None = None) -> None:
+        """Raise `CacheFull` naming the worlds whose bounded dense caches cannot take their pending chunk (or `slots`
+        tokens), before any noise is drawn or anything written: the caller may go on with the other worlds."""
         caches = [w.cache.layers[0] for w in committing]  # every layer holds as many slots
-        self.policy.ensure_room(caches, self.sizes.tokens_per_chunk, committing)
+        self.policy.ensure_room(caches, slots or self.sizes.tokens_per_chunk, committing)
 
     def _denoise(self, worlds: Sequence[World], encoded: torch.Tensor) -> _Chunk:
         """The next chunk of every world under its encoded actions (B, T, A)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine import IDLE, Action, WorldEngine, attention
+from engine import IDLE, Action, WorldEngine, attention, world_engine
 from engine.attention import attend as _attend
 from tests.conftest import tiny_config
 
@@ -568,3 +570,65 @@ def test_on_a_gpu_worlds_far_apart_attend_padded_as_each_would_alone(policy: str
         singles = [engine.step([w], [a])[0] for w, a in zip(single_worlds, [FORWARD, TURN, IDLE])]
         for b, s in zip(batched, singles):
             assert np.abs(b[0].astype(int) - s[0].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"model": {"previous_frame_input": True}, "sampler": {"context_noise": 0.2}},
+        {"model": {"chunk_frames": 2}},
+        {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}},
+        {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}, "chunks_a_forward": 2},
+        pytest.param(
+            {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}, "runtime": {"device": "cuda"}},
+            marks=pytest.mark.gpu,
+        ),
+    ],
+    ids=["previous-frame-and-context-noise", "chunks-of-2", "pooled", "pooled-two-forwards", "pooled-on-a-gpu"],
+)
+def test_observed_chunks_written_in_one_forward_are_what_one_commit_pass_each_writes(
+    sections: dict, monkeypatch
+) -> None:
+    """Under `dense` (every token kept exactly) `observe_latents` writes its chunks in one forward, each seeing the
+    cached slots and the chunks before it: the caches, the latest latent, the noise drawn and the frames stepped
+    after are those of one commit pass per chunk (float rounding aside), for worlds of different lengths."""
+    sections = dict(sections)
+    chunks_a_forward = sections.pop("chunks_a_forward", 3)  # of the 3 observed
+    engine = WorldEngine.from_config(tiny_config(**sections))
+    monkeypatch.setattr(world_engine, "PREFILL_TOKENS", chunks_a_forward * engine.sizes.tokens_per_chunk)
+    if engine.model.dit.previous_embed is not None:
+        torch.nn.init.normal_(engine.model.dit.previous_embed.weight, std=0.02)
+    T, A = engine.chunk_frames, engine.action_space.dim
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3 * T, *engine.sizes.latent_shape, generator=generator).to(engine.device)
+    actions = (torch.rand(2, 3 * T, A, generator=generator) < 0.3).float().to(engine.device)
+
+    def observed(one_forward: bool) -> list:
+        worlds = [engine.new_world("icy cave", seed=s) for s in (1, 2)]
+        engine.step(worlds[:1], [FORWARD])  # one world a chunk ahead: the pooled read is padded
+        calls = []
+        with mock.patch.object(type(engine.policy), "keeps_every_token", one_forward):
+            original = engine.model.dit.write_keys
+            with mock.patch.object(
+                engine.model.dit, "write_keys", side_effect=lambda *a: calls.append(1) or original(*a)
+            ):
+                engine.observe_latents(worlds, latents, actions)
+        forwards = -(-3 // chunks_a_forward) if one_forward else 3
+        assert len(calls) == 1 + forwards, "the first world's pending chunk, then the observed ones"
+        return worlds
+
+    passes, forward = observed(False), observed(True)
+    for a, b in zip(passes, forward):
+        assert a.frame_index == b.frame_index and a.cache.tokens_per_layer() == b.cache.tokens_per_layer()
+        assert torch.equal(a.generator.get_state(), b.generator.get_state()), "the same context noise drawn"
+        assert (a.last_latent is None) == (b.last_latent is None)
+        if a.last_latent is not None:
+            assert torch.equal(a.last_latent, b.last_latent)
+        for x, y in zip(a.cache.layers, b.cache.layers):
+            n = x.length
+            for name in ("key", "value"):
+                torch.testing.assert_close(getattr(x, name)[:n], getattr(y, name)[:n], rtol=1e-4, atol=1e-4)
+            for name in ("pos", "count", "frame"):
+                assert torch.equal(getattr(x, name)[:n], getattr(y, name)[:n]), name
+    for a, b in zip(engine.step(passes, [FORWARD, TURN]), engine.step(forward, [FORWARD, TURN])):
+        assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a, b))
