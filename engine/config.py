@@ -171,7 +171,8 @@ class CacheConfig(_Section):
         ge=1,
         description="hard bound per layer (slots). tempcache: none = the window policy's capacity, "
         "(sink_frames + window_frames) x tokens per frame; dense: none = unbounded (each world's buffers grow), "
-        "else every world's cache is a row of one pool and a world that fills it fails its next commit",
+        "else every world's cache is a row of one pool, allocated whole, and a world that fills it fails its next step "
+        "(CacheFull)",
     )
     exact_frames: int = Field(
         2,
