@@ -170,9 +170,9 @@ class CacheConfig(_Section):
         None,
         ge=1,
         description="hard bound per layer (slots). tempcache: none = the window policy's capacity, "
-        "(sink_frames + window_frames) x tokens per frame; dense: none = unbounded (each world's buffers grow), "
-        "else every world's cache is a row of one pool, allocated whole, and a world that fills it fails its next step "
-        "(CacheFull)",
+        "(sink_frames + window_frames) x tokens per frame; dense: none = unbounded, else a world whose cache would "
+        "pass it fails its step (CacheFull); a bound within one growth (grow_frames) is allocated whole, as rows of "
+        "one pool",
     )
     exact_frames: int = Field(
         2,

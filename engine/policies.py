@@ -50,6 +50,12 @@ class CachePolicy:
         assert self.sizes.capacity_slots is not None, f"{self.name} has no capacity in the config's sizes"
         return self.sizes.capacity_slots
 
+    @property
+    def pooled(self) -> bool:
+        """Whether every world's cache is a row of the engine's pool (`CachePool`), allocated whole at `capacity`
+        slots per layer: a bounded policy's are; caches that grow are buffers of their own."""
+        return self.sizes.capacity_slots is not None
+
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
@@ -98,20 +104,28 @@ class CachePolicy:
 
 
 class DensePolicy(CachePolicy):
-    """Appends every chunk. Unbounded (`cache.max_slots` none), each world's buffers are its own and grow
-    `grow_frames` at a time; bounded, every world's cache is a row of the engine's pool (as a training rollout's
-    worlds, whose length is known, are: one indexed write per buffer for them all) and a commit that would pass the
-    bound fails before it writes anything."""
+    """Appends every chunk; each world's buffers are its own and grow `grow_frames` at a time, without bound unless
+    `cache.max_slots` sets one, and a commit that would pass the bound fails before it writes anything (`CacheFull`).
+    A bound within one growth (`max_slots` <= `grow_frames` x tokens per frame, what a cache's first growth would
+    allocate anyway) is allocated whole, every world's cache a row of the engine's pool: one indexed write per buffer
+    for a batch's worlds, as a training rollout's short-lived worlds of one age write."""
 
     name = "dense"
     keeps_every_token = True
 
     @property
     def capacity(self) -> int:
-        return self.sizes.capacity_slots or self.sizes.grow_slots
+        """Slots allocated for a new world: the bound, where it is pooled, else a first growth."""
+        return self.sizes.capacity_slots if self.pooled else self.sizes.grow_slots
+
+    @property
+    def pooled(self) -> bool:
+        bound = self.sizes.capacity_slots
+        return bound is not None and bound <= self.sizes.grow_slots
 
     def full(self, cache: LayerCache, slots: int) -> bool:
-        return cache.shared and cache.length + slots > cache.capacity
+        bound = self.sizes.capacity_slots
+        return bound is not None and cache.length + slots > bound
 
     def commit(
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
@@ -130,10 +144,13 @@ class DensePolicy(CachePolicy):
         self.ensure_room(caches, n)
         for worlds in by_pool(caches):
             group = [caches[b] for b in worlds]
-            if not group[0].shared:  # a cache of its own: it grows
+            if not group[0].shared:  # a cache of its own: it grows, by a whole growth where the bound leaves room
                 [b] = worlds
-                group[0].reserve(group[0].length + n, self.sizes.grow_slots)
-                group[0].write(group[0].length, key[b], value[b], pos[b])
+                cache, grow = group[0], self.sizes.grow_slots
+                if self.sizes.capacity_slots is not None:
+                    grow = min(grow, self.sizes.capacity_slots - cache.capacity)
+                cache.reserve(cache.length + n, grow)
+                cache.write(cache.length, key[b], value[b], pos[b])
                 continue
             index = to_device(worlds, key.device)
             tokens = (t.index_select(0, index) for t in (key, value, pos))

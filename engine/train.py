@@ -464,14 +464,16 @@ def rollout_engine(model: WorldModel, config: WorldConfig, frames: int) -> World
     """An engine that generates with `model` as it trains (its weights as they are at each call), under the
     config's sampler and a dense cache without sparse attention: the history the DiT's training pass attends to is
     exact, so the rollout's errors are the model's own, not a cache's. Its worlds hold at most `frames` frames (a
-    clip's), so their caches are rows of one pool, bounded there: each step writes and reads every world's slots in
-    a few indexed operations per layer, where caches that grow each on its own take a copy per world."""
+    clip's), so their caches are rows of one pool, allocated whole at that bound: each step writes and reads every
+    world's slots in a few indexed operations per layer, where caches that grow each on its own take a copy per
+    world."""
     tokens = config.sizes().tokens_per_frame
     dense = with_overrides(
         config,
         {
             "cache.policy": "dense",
             "cache.max_slots": frames * tokens,
+            "cache.grow_frames": max(config.cache.grow_frames, frames),  # the bound within one growth: pooled
             "attention.annsa": False,
             "attention.annca": False,
         },

@@ -102,12 +102,12 @@ class WorldEngine:
         self.dtype = dtype
         self.sizes = config.sizes(dtype_bytes=torch.empty(0, dtype=dtype).element_size())
         self.policy = make_policy(config.cache, self.sizes)
-        # a bounded policy's worlds (a bounded dense one's too) are rows of a few buffers per layer (batched commits
-        # and attention); an unbounded one's caches grow each on its own
+        # a bounded policy's worlds (a dense one's bounded within one growth too) are rows of a few buffers per layer
+        # (batched commits and attention); caches that grow are each on its own
         m = config.model
         self.pool = None
-        if self.sizes.capacity_slots is not None:
-            self.pool = CachePool(m.depth, m.heads, m.head_dim, self.sizes.capacity_slots, dtype, device)
+        if self.policy.pooled:
+            self.pool = CachePool(m.depth, m.heads, m.head_dim, self.policy.capacity, dtype, device)
         self.sampler = FlowSampler(config.sampler)
         with torch.inference_mode():
             self._free_prompt = model.prompt_encoder([""])  # what prompt dropout trained: the unconditional branch

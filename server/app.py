@@ -62,9 +62,13 @@ def build_engine(settings: ServerSettings) -> WorldEngine:
     return WorldEngine.from_config(load_config(settings.config, overrides))
 
 
-def attention_engines(engine: WorldEngine, presets: list[str]) -> tuple[dict[str, WorldEngine], str]:
+def attention_engines(
+    engine: WorldEngine, presets: list[str], max_dense_cache_mib: float
+) -> tuple[dict[str, WorldEngine], str]:
     """One engine per attention configuration a session may choose, all sharing `engine`'s weights; the config
-    file's own settings are the default, named after the preset they equal ("config" when none)."""
+    file's own settings are the default, named after the preset they equal ("config" when none). A configuration
+    whose caches would grow without bound (`dense`) is bounded at `max_dense_cache_mib` per world: one client cannot
+    take the memory every session shares."""
     default = next(
         (name for name, keys in ATTENTION_PRESETS.items() if with_overrides(engine.config, keys) == engine.config),
         "config",
@@ -73,6 +77,14 @@ def attention_engines(engine: WorldEngine, presets: list[str]) -> tuple[dict[str
     for name in presets:
         if name not in engines:
             engines[name] = engine.sibling(with_overrides(engine.config, ATTENTION_PRESETS[name], f"preset {name}"))
+    for name, each in engines.items():
+        if each.policy.name == "dense" and each.sizes.capacity_slots is None:
+            sizes = each.sizes
+            chunks = int(
+                max_dense_cache_mib * 2**20 // (sizes.slot_bytes * each.config.model.depth * sizes.tokens_per_chunk)
+            )
+            bound = {"cache.max_slots": max(1, chunks) * sizes.tokens_per_chunk}
+            engines[name] = each.sibling(with_overrides(each.config, bound, "WORLDSERVE_MAX_DENSE_CACHE_MIB"))
     return engines, default
 
 
@@ -114,7 +126,7 @@ def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> F
             # On the engine thread, like every torch call: a second thread running CPU ops would bring a second
             # OpenMP pool, and two pools on few cores made each step about twice as slow (measured, docs/server.md).
             base = engine if engine is not None else build_engine(settings)
-            engines, default = attention_engines(base, settings.attention_presets)
+            engines, default = attention_engines(base, settings.attention_presets, settings.max_dense_cache_mib)
             warm_up(engines, settings.warmup_steps)
             model = base.config.model
             game = GameWorlds(model.frame_height, model.frame_width, model.chunk_frames, settings.game_start_frames)

@@ -51,6 +51,12 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: ["dense", "window", "tempcache", "tempcache+annsa+annca"],
         description="attention configurations a session may choose (names of engine.ATTENTION_PRESETS)",
     )
+    max_dense_cache_mib: float = Field(
+        1024.0,
+        gt=0,
+        description="a world under dense attention (a KV cache that grows with every frame) ends its session once its "
+        "cache would pass this, with engine_error; the other configurations are bounded by construction (MiB)",
+    )
     switch_prime_frames: int = Field(
         8, ge=1, description="frames shown last that seed the new cache when a session switches attention (frames)"
     )

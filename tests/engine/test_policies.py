@@ -106,12 +106,12 @@ def test_bounded_dense_worlds_of_one_pool_committed_together_end_as_each_alone_g
     """Under `cache.max_slots` a dense world's cache is a row of the engine's pool: `commit_worlds` appends every
     world's chunk in one indexed write per buffer, to the same slots as an unbounded cache of its own; a chunk that
     would pass the bound fails before anything is written, in any world."""
-    config = tiny_config(cache={"policy": "dense", "max_slots": 5 * 16, "grow_frames": 2})
+    config = tiny_config(cache={"policy": "dense", "max_slots": 5 * 16, "grow_frames": 5})  # within one growth
     bounded = make_policy(config.cache, config.sizes())
     unbounded = tiny_config(cache={"policy": "dense", "grow_frames": 2})
     growing = make_policy(unbounded.cache, unbounded.sizes())
     m, n = config.model, config.sizes().tokens_per_frame
-    assert n == 16 and bounded.capacity == 5 * n
+    assert n == 16 and bounded.capacity == 5 * n and bounded.pooled and not growing.pooled
     pool = CachePool(1, m.heads, m.head_dim, bounded.capacity, torch.float32, torch.device("cpu"))
     owners = [pool.new_cache() for _ in range(3)]
     together = [owner.layers[0] for owner in owners]
@@ -149,9 +149,15 @@ def _frame_shape(engine: WorldEngine) -> tuple[int, int, int]:
     return (engine.config.model.frame_height, engine.config.model.frame_width, 3)
 
 
-def test_a_bounded_dense_engine_makes_the_frames_of_an_unbounded_one_until_its_bound_and_then_fails_clearly() -> None:
-    growing, bounded = _engine("dense"), _engine("dense", max_slots=6 * 16)
-    assert growing.pool is None and bounded.pool is not None
+@pytest.mark.parametrize("grow_frames", [6, 4], ids=["pooled", "growing"])
+def test_a_bounded_dense_engine_makes_the_frames_of_an_unbounded_one_until_its_bound_and_then_fails_clearly(
+    grow_frames: int,
+) -> None:
+    """A bound within one growth is allocated whole, as rows of the pool; a larger one caps caches that grow on their
+    own, by whole growths and then to the bound (4 frames, then 2). Either way the frames are the unbounded cache's
+    until a world is full, and then the step fails before it does anything."""
+    growing, bounded = _engine("dense"), _engine("dense", max_slots=6 * 16, grow_frames=grow_frames)
+    assert growing.pool is None and (bounded.pool is not None) == (grow_frames == 6)
     worlds = {engine: [engine.new_world(seed=s) for s in (1, 2, 3)] for engine in (growing, bounded)}
     for engine in (growing, bounded):  # worlds of different ages
         engine.step(worlds[engine][:1], [IDLE])
@@ -162,6 +168,7 @@ def test_a_bounded_dense_engine_makes_the_frames_of_an_unbounded_one_until_its_b
             assert all((x == y).all() for x, y in zip(a, b))
     oldest = worlds[bounded][0]
     slots = oldest.cache.tokens_per_layer()
+    assert slots == [6 * 16] * 2 and oldest.cache.layers[0].capacity == 6 * 16, "grown no further than the bound"
     draws = [world.generator.get_state() for world in worlds[bounded]]
     with pytest.raises(CacheFull, match=r"\(cache.max_slots\) is full") as full:
         bounded.step(worlds[bounded], [IDLE] * 3)

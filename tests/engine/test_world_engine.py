@@ -577,10 +577,18 @@ def test_on_a_gpu_worlds_far_apart_attend_padded_as_each_would_alone(policy: str
     [
         {"model": {"previous_frame_input": True}, "sampler": {"context_noise": 0.2}},
         {"model": {"chunk_frames": 2}},
-        {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}},
-        {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}, "chunks_a_forward": 2},
+        {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16, "grow_frames": 20}},
+        {
+            "model": {"previous_frame_input": True},
+            "cache": {"max_slots": 20 * 16, "grow_frames": 20},
+            "chunks_a_forward": 2,
+        },
         pytest.param(
-            {"model": {"previous_frame_input": True}, "cache": {"max_slots": 20 * 16}, "runtime": {"device": "cuda"}},
+            {
+                "model": {"previous_frame_input": True},
+                "cache": {"max_slots": 20 * 16, "grow_frames": 20},
+                "runtime": {"device": "cuda"},
+            },
             marks=pytest.mark.gpu,
         ),
     ],

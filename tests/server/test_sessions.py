@@ -182,3 +182,32 @@ async def test_shutdown_drains_sessions_with_the_documented_code(tiny_engine, ti
             error = await client.recv_until("error")
             assert (error.code, error.fatal) == (ErrorCode.SHUTTING_DOWN, True)
             assert await client.closed() == CloseCode.SHUTTING_DOWN
+
+
+async def test_a_dense_world_whose_cache_reaches_the_servers_bound_ends_its_own_session(
+    tiny_engine, tiny_config_file: Path
+) -> None:
+    """Dense attention's cache grows with every frame: the server bounds it per world (max_dense_cache_mib), and the
+    world that reaches it ends its session with engine_error while a dense session beside it plays on."""
+    sizes = tiny_engine.sizes
+    frame_bytes = sizes.slot_bytes * tiny_engine.config.model.depth * sizes.tokens_per_frame
+    bound_mib = 12 * frame_bytes / 2**20  # 12 frames: the 8 start frames every world begins with, then 4 steps
+    async with run_server(tiny_engine, tiny_config_file, max_dense_cache_mib=bound_mib) as server:
+        dense = server.state.engines["dense"]
+        assert dense.policy.name == "dense" and dense.sizes.capacity_slots == 12 * sizes.tokens_per_frame
+        async with server.connect() as full, server.connect() as other:
+            await full.hello(mode="lockstep", attention="dense")
+            await other.hello(mode="lockstep", attention="dense")
+            for seq in range(1, 5):  # each step's frame is written by the next step: 4 steps fill the 12 frames
+                await full.send(type="step", seq=seq)
+                await full.frames(1)
+            await other.send(type="step", seq=1)
+            await other.frames(1)
+            await full.send(type="step", seq=5)  # its fourth frame is written, then there is no room for the fifth
+            await full.send(type="step", seq=6)
+            error = await full.recv_until("error")
+            assert error.code == ErrorCode.ENGINE_ERROR and "is full" in error.message
+            assert await full.closed() == CloseCode.ENGINE_ERROR
+            for seq in range(2, 4):
+                await other.send(type="step", seq=seq)
+                assert len(await other.frames(1)) == 1
