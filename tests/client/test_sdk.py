@@ -227,21 +227,22 @@ async def test_lockstep_step_in_flight_survives_a_dropped_connection(tiny_engine
         async with WorldClient.connect(server.url, mode="lockstep", seed=5, resume=True) as world:
             frames = await world.step(keys=["KeyW"])
             generating = threading.Event()
-            step = tiny_engine.step
+            served = server.state.engines["dense"]  # the tiny config's own: a sibling of tiny_engine, its cache bounded
+            step = served.step
 
             def slow_step(worlds, actions):  # on the engine thread: the drop happens while this step runs
                 generating.set()
                 time.sleep(0.3)
                 return step(worlds, actions)
 
-            tiny_engine.step = slow_step
+            served.step = slow_step
             try:
                 in_flight = asyncio.create_task(world.step(dx=8.0))
                 assert await asyncio.to_thread(generating.wait, 10)
                 world.ws.transport.abort()  # a drop, not a goodbye
                 frames += await asyncio.wait_for(in_flight, 10)
             finally:
-                del tiny_engine.step
+                del served.step
             frames += await world.step(keys=["KeyS"])
             assert world.resumes == 1 and [f.index for f in frames] == [START_FRAMES + i for i in range(3)]
             assert len(server.state.manager.sessions) == 1
