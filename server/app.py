@@ -104,7 +104,9 @@ def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> 
 
 
 def create_app(settings: ServerSettings, engine: WorldEngine | None = None) -> FastAPI:
-    """The app; `engine` may be given (tests share one), otherwise it is built from `settings.config`."""
+    """The app; `engine` may be given (tests share one), otherwise it is built from `settings.config`. Sessions step
+    it and its siblings (`attention_engines`), but a dense engine (caches that grow) is served as a sibling whose
+    caches stop at `settings.max_dense_cache_mib`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
