@@ -4,8 +4,8 @@ A policy is chosen once when the engine is built and is shared by every world; i
 lives in the `LayerCache` it is handed). Model code never branches on the policy's name.
 
 - `dense`: keeps every token of every frame; the unbounded baseline of the paper. Memory and per-frame attention
-  work grow linearly with the frame index (up to `cache.max_slots`, where a caller that knows how long its worlds
-  live bounds it).
+  work grow linearly with the frame index, up to `cache.max_slots` where one is set (a training rollout's worlds,
+  which live a clip's frames; the server's, so that no world takes the memory every session shares).
 - `window`: keeps the first `sink_frames` frames forever plus the `window_frames` most recent frames, in a ring of
   fixed slot blocks: frame f >= S overwrites the block of frame f - W. Capacity (S + W) x tokens per frame is
   allocated once, so memory is flat by construction.
@@ -87,8 +87,9 @@ class CachePolicy:
         full = [b for b, cache in enumerate(caches) if self.full(cache, slots)]
         if full:
             cache = caches[full[0]]
+            bound = cache.capacity if self.sizes.capacity_slots is None else self.sizes.capacity_slots
             raise CacheFull(
-                f"a {self.name} cache bounded at {cache.capacity} slots per layer (cache.max_slots) is full: it "
+                f"a {self.name} cache bounded at {bound} slots per layer (cache.max_slots) is full: it "
                 f"holds {cache.length} and cannot take {slots} more",
                 [worlds[b] for b in full] if worlds else (),
             )

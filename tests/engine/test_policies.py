@@ -170,7 +170,7 @@ def test_a_bounded_dense_engine_makes_the_frames_of_an_unbounded_one_until_its_b
     slots = oldest.cache.tokens_per_layer()
     assert slots == [6 * 16] * 2 and oldest.cache.layers[0].capacity == 6 * 16, "grown no further than the bound"
     draws = [world.generator.get_state() for world in worlds[bounded]]
-    with pytest.raises(CacheFull, match=r"\(cache.max_slots\) is full") as full:
+    with pytest.raises(CacheFull, match=r"bounded at 96 slots per layer \(cache.max_slots\) is full") as full:
         bounded.step(worlds[bounded], [IDLE] * 3)
     assert full.value.worlds == [oldest], "the error names the world that is full, not its batch mates"
     assert oldest.cache.tokens_per_layer() == slots and oldest.pending is not None, "nothing written, nothing lost"
