@@ -60,8 +60,8 @@ class CachePolicy:
         self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
     ) -> None:
         """Store a chunk just generated: keys, values (N, h, d), positions (N, 3), frame by frame from
-        `first_frame` (N = frames x tokens_per_frame)."""
-        raise NotImplementedError
+        `first_frame` (N = frames x tokens_per_frame): `commit_worlds` for one world."""
+        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
 
     def commit_worlds(
         self,
@@ -71,11 +71,10 @@ class CachePolicy:
         pos: torch.Tensor,
         first_frames: Sequence[int],
     ) -> None:
-        """`commit` for a batch of worlds at once, world b's chunk (key, value (B, N, h, d); pos (B, N, 3)) into
-        caches[b] from frame first_frames[b]: what a commit pass hands over, layer by layer. A policy whose commits
-        do work worth batching (a search, decisions) overrides this; the others store world by world."""
-        for cache, k, v, p, first in zip(caches, key, value, pos, first_frames):
-            self.commit(cache, k, v, p, first)
+        """Store a chunk for a batch of worlds at once, world b's (key, value (B, N, h, d); pos (B, N, 3)) into
+        caches[b] from frame first_frames[b]: what a commit pass hands over, layer by layer. Every policy batches
+        its work over the worlds whose caches are rows of one pool (one indexed write per buffer for them all)."""
+        raise NotImplementedError
 
     def full(self, cache: LayerCache, slots: int) -> bool:
         """Whether `slots` more tokens would pass the cache's bound: never, unless the policy appends under one."""
@@ -128,11 +127,6 @@ class DensePolicy(CachePolicy):
         bound = self.sizes.capacity_slots
         return bound is not None and cache.length + slots > bound
 
-    def commit(
-        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
-    ) -> None:
-        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
-
     def commit_worlds(
         self,
         caches: Sequence[LayerCache],
@@ -160,11 +154,6 @@ class DensePolicy(CachePolicy):
 
 class WindowPolicy(CachePolicy):
     name = "window"
-
-    def commit(
-        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
-    ) -> None:
-        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
 
     def commit_worlds(
         self,

@@ -47,11 +47,6 @@ class TempCachePolicy(CachePolicy):
         # sinks, then the ring of exact frames: never merge targets, never evicted
         self.fixed_slots = (config.sink_frames + config.exact_frames) * sizes.tokens_per_frame
 
-    def commit(
-        self, cache: LayerCache, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, first_frame: int
-    ) -> None:
-        self.commit_worlds([cache], key[None], value[None], pos[None], [first_frame])
-
     def commit_worlds(
         self,
         caches: Sequence[LayerCache],

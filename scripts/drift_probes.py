@@ -85,8 +85,8 @@ class RecentPositions(CachePolicy):
     def capacity(self) -> int:
         return self.inner.capacity
 
-    def commit(self, cache: LayerCache, key, value, pos, first_frame: int) -> None:
-        self.inner.commit(cache, key, value, pos, first_frame)
+    def commit_worlds(self, caches: Sequence[LayerCache], key, value, pos, first_frames: Sequence[int]) -> None:
+        self.inner.commit_worlds(caches, key, value, pos, first_frames)
 
     def view(self, cache: LayerCache) -> KVView:
         view = self.inner.view(cache)
